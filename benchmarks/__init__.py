@@ -1,0 +1,1 @@
+"""Benchmarks registered with :mod:`needle_steering.bench` (one module per layer)."""

@@ -1,0 +1,192 @@
+"""The ``needle-steering`` command line.
+
+Each subcommand imports the layers it needs only when it runs, so ``--help`` starts fast. Errors
+raised on purpose (:class:`~needle_steering.errors.NeedleSteeringError`) reach the user as one
+line on stderr and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from needle_steering import __version__
+from needle_steering.errors import NeedleSteeringError
+
+EXIT_ERROR = 2
+EXIT_THRESHOLD_FAILED = 1
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+# --- info -----------------------------------------------------------------------------------------
+def _cmd_info(args: argparse.Namespace) -> int:
+    from needle_steering.perception.io import describe, read_volume
+
+    volume = read_volume(args.image, series_uid=args.series_uid, allow_nonfinite=args.allow_nonfinite)
+    info = describe(volume)
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"source       {info['source']}  ({info['format']})")
+    print(f"size         {' x '.join(str(n) for n in info['size'])} voxels, {info['dtype']}")
+    print(f"spacing      {' x '.join(f'{s:.4g}' for s in info['spacing'])} mm")
+    print(f"origin       ({', '.join(f'{o:.2f}' for o in info['origin'])}) mm LPS")
+    print(f"orientation  {info['orientation']}  direction {[round(d, 4) for d in info['direction']]}")
+    print(f"intensity    {info['min']:.6g} .. {info['max']:.6g}")
+    print(f"modality     {info['modality']}")
+    return 0
+
+
+# --- bench ----------------------------------------------------------------------------------------
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from needle_steering.bench import registry, run_benchmarks
+
+    only = [n for item in (args.only or []) for n in item.split(",") if n]
+    if args.list:
+        for name, bench in registry().items():
+            print(f"{name:40s} {bench.unit:10s} {bench.target:16s} {bench.description}")
+        return 0
+    names = only or list(registry())
+    results: dict[str, dict[str, float | str]] = {}
+    for name in names:
+        if not args.json:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+        results.update(run_benchmarks([name]))
+        if not args.json:
+            bench = registry()[name]
+            value = results[name]["value"]
+            print(f"{name:40s} {value:>14.6g} {bench.unit:8s} target {bench.target or '-'}", flush=True)
+    if args.json:
+        _print_json(results)
+    return 0
+
+
+# --- phantom --------------------------------------------------------------------------------------
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from needle_steering.perception.labels import parse_level_range
+    from needle_steering.sim.phantom import PhantomConfig, generate_phantom, write_phantom
+
+    config = PhantomConfig(
+        seed=args.seed,
+        levels=tuple(parse_level_range(args.levels)),
+        modality=args.modality,
+        spacing_mm=args.spacing,
+        lesion=args.lesion,
+        bone_quality=args.bone_quality,
+    )
+    start = time.perf_counter()
+    phantom = generate_phantom(config)
+    paths = write_phantom(phantom, args.out)
+    seconds = time.perf_counter() - start
+    summary = {
+        "out": str(Path(args.out)),
+        "files": {k: str(v) for k, v in paths.items()},
+        "size": list(phantom.ct.shape),
+        "spacing_mm": [float(s) for s in phantom.ct.spacing_mm],
+        "levels": list(config.levels),
+        "modality": config.modality,
+        "seconds": round(seconds, 3),
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"phantom seed {config.seed} ({config.modality}, {', '.join(config.levels)}) "
+            f"{' x '.join(map(str, phantom.ct.shape))} voxels at {config.spacing_mm} mm in {seconds:.1f} s"
+        )
+        for name, path in paths.items():
+            print(f"  {name:8s} {path}")
+    return 0
+
+
+# --- demo -----------------------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from needle_steering.demo import run_demo
+
+    return run_demo(Path(args.out), seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="needle-steering",
+        description="Image-guided spine interventions: perception, planning, control and simulation.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("info", help="geometry and intensity summary of an image or DICOM folder")
+    p.add_argument("image", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("--series-uid", help="series to read when a DICOM folder holds several")
+    p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf voxels")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_info)
+
+    p = sub.add_parser("bench", help="run the registered benchmarks")
+    p.add_argument("--only", action="append", metavar="NAME", help="benchmark name (repeat or comma-separate)")
+    p.add_argument("--list", action="store_true", help="list benchmarks and targets")
+    p.add_argument("--json", action="store_true", help='print {"NAME": {"value": v, "unit": u}}')
+    p.set_defaults(handler=_cmd_bench)
+
+    p = sub.add_parser("phantom", help="generate a synthetic spine CT/CBCT with ground-truth labels")
+    p.add_argument("--out", required=True, help="output folder (ct.nii.gz, labels.nii.gz, meta.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--levels", default="T12-L5", help="e.g. T10-L5 or L1,L2 (S = sacrum)")
+    p.add_argument("--modality", choices=("ct", "cbct"), default="ct")
+    p.add_argument("--spacing", type=float, default=1.0, help="isotropic voxel size in mm")
+    p.add_argument("--lesion", action="store_true", help="add one lytic or blastic lesion")
+    p.add_argument("--bone-quality", type=float, default=1.0, help="1 normal .. 0 severely osteoporotic")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_phantom)
+
+    p = sub.add_parser("demo", help="end-to-end demonstration on a generated patient")
+    p.add_argument("--out", default="demo_out", help="output folder")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(handler=_cmd_demo)
+
+    for register in _EXTRA_SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+#: Functions adding further subcommands (filled by later layers; each takes the subparsers object).
+_EXTRA_SUBCOMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``needle-steering`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except NeedleSteeringError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"needle-steering {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (OSError, MemoryError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"needle-steering {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"needle-steering {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

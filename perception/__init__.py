@@ -1,0 +1,1 @@
+"""Perception: medical-image I/O, vertebra segmentation and labelling, CBCT-to-CT registration."""

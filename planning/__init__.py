@@ -1,0 +1,1 @@
+"""needle_steering.planning layer."""
