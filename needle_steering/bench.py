@@ -18,6 +18,7 @@ BENCHMARK_MODULES: tuple[str, ...] = (
     "needle_steering.benchmarks.bench_perception",
     "needle_steering.benchmarks.bench_planning",
     "needle_steering.benchmarks.bench_control",
+    "needle_steering.benchmarks.bench_sim_twin",
 )
 
 

@@ -110,6 +110,42 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- register -----------------------------------------------------------------------------------
+def _cmd_register(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from needle_steering.perception.registration import register_files
+
+    labels_path = args.labels
+    with tempfile.TemporaryDirectory(prefix="needle_steering_register_") as scratch:
+        if labels_path is None:
+            from needle_steering.perception.io import read_volume, write_volume
+            from needle_steering.perception.segment import segment_volume
+
+            print("no --labels given: segmenting the fixed CT first", file=sys.stderr, flush=True)
+            result = segment_volume(read_volume(args.fixed), backend="auto", device="auto", modality="ct")
+            labels_path = str(write_volume(result.labels, Path(scratch) / "fixed_labels.nii.gz"))
+        levels = None
+        if args.levels:
+            from needle_steering.perception.labels import parse_level_range
+
+            levels = parse_level_range(args.levels)
+        report = register_files(args.fixed, args.moving, labels_path, args.moving_labels, levels=levels)
+    if args.json:
+        _print_json(report)
+    else:
+        for name, level in report["levels"].items():
+            if level["status"] == "ok":
+                print(f"{name:4s} ok       fitness {level['fitness']:.3f}  rmse {level['rmse_mm']:.2f} mm")
+            else:
+                print(f"{name:4s} REFUSED  {level['reason']}")
+        print(f"status {report['status']} in {report['seconds']:.1f} s")
+    if report["status"] == "refused":
+        print("needle-steering register: error: no level could be registered reliably", file=sys.stderr)
+        return EXIT_ERROR
+    return 0 if report["status"] == "ok" else EXIT_THRESHOLD_FAILED
+
+
 # --- demo -----------------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
     from needle_steering.demo import run_demo
@@ -152,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_phantom)
 
+    p = sub.add_parser("register", help="rigid per-vertebra registration of a CBCT to the pre-operative CT")
+    p.add_argument("--fixed", required=True, help="pre-operative CT (file or DICOM folder)")
+    p.add_argument("--moving", required=True, help="intra-operative CBCT (file or DICOM folder)")
+    p.add_argument("--labels", help="VerSe label map on the CT grid (default: segment the CT)")
+    p.add_argument("--moving-labels", help="optional VerSe label map on the CBCT grid")
+    p.add_argument("--levels", help="levels to register, e.g. L1-L5 (default: all labelled)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_register)
+
     p = sub.add_parser("demo", help="end-to-end demonstration on a generated patient")
     p.add_argument("--out", default="demo_out", help="output folder")
     p.add_argument("--seed", type=int, default=7)
@@ -162,8 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Functions adding further subcommands (filled by later layers; each takes the subparsers object).
-_EXTRA_SUBCOMMANDS: list[Callable[[Any], None]] = []
+def _lazy_subcommand(module: str, function: str) -> Callable[[Any], None]:
+    """A registrar that imports ``module`` only to add its subcommand (modules keep heavy imports inside)."""
+
+    def register(subparsers: Any) -> None:
+        import importlib
+
+        getattr(importlib.import_module(module), function)(subparsers)
+
+    return register
+
+
+#: Functions adding the subcommands that live beside their layer (each takes the subparsers object).
+_EXTRA_SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _lazy_subcommand("needle_steering.nodes.bringup", "add_bringup_subcommand"),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
