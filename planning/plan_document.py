@@ -97,9 +97,7 @@ def canonicalize(value: Any, where: str = "document") -> JSONValue:
 
 def canonical_json(value: Any) -> str:
     """Canonical JSON text of ``value`` (sorted keys, compact, rounded floats, no NaN)."""
-    return json.dumps(
-        canonicalize(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    return json.dumps(canonicalize(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def sha256_of(value: Mapping[str, Any]) -> str:
@@ -127,7 +125,7 @@ def volume_sha256(volume: Volume) -> str:
         }
     )
     digest = hashlib.sha256(header.encode("utf-8"))
-    digest.update(memoryview(arr).cast("B"))
+    digest.update(arr.reshape(-1).view(np.uint8).data)
     return digest.hexdigest()
 
 
@@ -240,7 +238,9 @@ class Trajectory:
         object.__setattr__(self, "path_lps_mm", pts)
         object.__setattr__(self, "diameter_mm", _positive(self.diameter_mm, f"{where}.diameter_mm"))
         object.__setattr__(self, "length_mm", _positive(self.length_mm, f"{where}.length_mm"))
-        object.__setattr__(self, "metrics", _metrics(canonicalize(self.metrics, f"{where}.metrics"), f"{where}.metrics"))
+        object.__setattr__(
+            self, "metrics", _metrics(canonicalize(self.metrics, f"{where}.metrics"), f"{where}.metrics")
+        )
         warnings = self.warnings
         if isinstance(warnings, str) or not isinstance(warnings, Sequence):
             raise PlanDocumentError(f"{where}.warnings: expected a list of strings, got {warnings!r}")
@@ -278,8 +278,18 @@ class Trajectory:
         where = f"trajectory {data.get('id', '?')!r}" if isinstance(data, Mapping) else "trajectory"
         if not isinstance(data, Mapping):
             raise PlanDocumentError(f"{where}: expected an object, got {data!r}")
-        required = ("id", "kind", "level", "side", "entry_lps_mm", "tip_lps_mm", "path_lps_mm",
-                    "diameter_mm", "length_mm", "metrics")
+        required = (
+            "id",
+            "kind",
+            "level",
+            "side",
+            "entry_lps_mm",
+            "tip_lps_mm",
+            "path_lps_mm",
+            "diameter_mm",
+            "length_mm",
+            "metrics",
+        )
         for key in required:
             _require(data, key, where)
         traj = cls(
@@ -293,7 +303,8 @@ class Trajectory:
             diameter_mm=data["diameter_mm"],
             length_mm=data["length_mm"],
             metrics=dict(data["metrics"]) if isinstance(data["metrics"], Mapping) else data["metrics"],
-            warnings=tuple(data.get("warnings", ())) if isinstance(data.get("warnings", ()), list | tuple)
+            warnings=tuple(data.get("warnings", ()))
+            if isinstance(data.get("warnings", ()), list | tuple)
             else data.get("warnings", ()),
         )
         if verify_hash:
@@ -349,8 +360,10 @@ class ImageInfo:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise PlanDocumentError(f"{where}.sha256: expected 64 lowercase hex digits, got {sha!r}")
         shape = _require(data, "shape", where)
-        if not isinstance(shape, list | tuple) or len(shape) != 3 or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape
+        if (
+            not isinstance(shape, list | tuple)
+            or len(shape) != 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
         ):
             raise PlanDocumentError(f"{where}.shape: expected 3 positive integers, got {shape!r}")
         direction = _require(data, "direction", where)
@@ -520,7 +533,9 @@ def load_plan(path_or_text: str | os.PathLike[str]) -> PlanDocument:
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise PlanDocumentError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise PlanDocumentError(
+            f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
     try:
         return PlanDocument.from_dict(data)
     except PlanDocumentError as exc:
