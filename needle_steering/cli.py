@@ -221,6 +221,7 @@ def _lazy_subcommand(module: str, function: str) -> Callable[[Any], None]:
 #: Functions adding the subcommands that live beside their layer (each takes the subparsers object).
 _EXTRA_SUBCOMMANDS: list[Callable[[Any], None]] = [
     _lazy_subcommand("needle_steering.nodes.bringup", "add_bringup_subcommand"),
+    _lazy_subcommand("needle_steering.sim.regress", "add_regress_subcommand"),
 ]
 
 
