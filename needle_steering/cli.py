@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import traceback
@@ -146,6 +147,74 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0 if report["status"] == "ok" else EXIT_THRESHOLD_FAILED
 
 
+# --- plan / report --------------------------------------------------------------------------------
+def _parse_point(text: str) -> list[float]:
+    from needle_steering.errors import PlanningError
+
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise PlanningError(f"--biopsy-target must be X,Y,Z in LPS mm, got {text!r}") from None
+    if len(values) != 3 or not all(math.isfinite(v) and abs(v) < 1e5 for v in values):
+        raise PlanningError(f"--biopsy-target must be three finite numbers X,Y,Z in LPS mm, got {text!r}")
+    return values
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from needle_steering.perception.io import read_volume
+    from needle_steering.perception.labels import parse_level_range
+    from needle_steering.planning import plan_case, save_plan
+
+    levels = parse_level_range(args.levels) if args.levels else []
+    target = _parse_point(args.biopsy_target) if args.biopsy_target else None
+    ct = read_volume(args.image)
+    labels = read_volume(args.labels)
+    result = plan_case(ct, labels, levels, biopsy_target_lps_mm=target, steerable=args.steerable)
+    out = save_plan(result.plan_document, args.out)
+    summary = {
+        "plan": str(out),
+        "sha256": result.plan_document.sha256,
+        "trajectories": len(result.plan_document.trajectories),
+        "seconds": round(result.seconds, 3),
+        "skipped": dict(result.skipped),
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"{'id':22s} {'kind':16s} {'level':5s} {'side':5s} {'diam':>5s} {'len':>5s}  grade")
+    for traj in result.plan_document.trajectories:
+        grade = traj.metrics.get("predicted_grade", "-")
+        print(f"{traj.id:22s} {traj.kind:16s} {traj.level or '-':5s} {traj.side or '-':5s} "
+              f"{traj.diameter_mm:5.1f} {traj.length_mm:5.1f}  {grade}")
+    for key, reason in result.skipped.items():
+        print(f"skipped {key}: {reason}")
+    print(f"plan {out} sha256 {result.plan_document.sha256[:16]}... in {result.seconds:.2f} s")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from needle_steering.errors import PlanDocumentError
+    from needle_steering.perception.io import read_volume
+    from needle_steering.planning import load_plan, volume_sha256, write_report
+
+    plan = load_plan(args.plan)
+    image_path = args.image or plan.image.source
+    labels_path = args.labels or plan.labels.source
+    if not image_path or not labels_path:
+        raise PlanDocumentError(f"{args.plan}: plan does not record its CT/labels paths; pass --image and --labels")
+    ct = read_volume(image_path)
+    labels = read_volume(labels_path)
+    for what, volume, info in (("CT", ct, plan.image), ("label map", labels, plan.labels)):
+        if volume_sha256(volume) != info.sha256:
+            raise PlanDocumentError(
+                f"{what} {volume.metadata.get('source')} is not the one the plan was made on "
+                f"(sha256 {volume_sha256(volume)[:12]}... != {info.sha256[:12]}...)"
+            )
+    out = write_report(plan, ct, labels, args.out)
+    print(f"report {out}")
+    return 0
+
+
 # --- demo -----------------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
     from needle_steering.demo import run_demo
@@ -197,6 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_register)
 
+    p = sub.add_parser("plan", help="pedicle-screw, biopsy and steerable-needle planning")
+    p.add_argument("image", help="planning CT (file or DICOM folder), HU")
+    p.add_argument("--labels", required=True, help="VerSe label map on the CT grid")
+    p.add_argument("--levels", default="L1-L5", help="levels for bilateral pedicle screws ('' for none)")
+    p.add_argument("--biopsy-target", metavar="X,Y,Z", help="biopsy target, LPS mm (write --biopsy-target=-1,2,3 when X < 0)")
+    p.add_argument("--steerable", action="store_true", help="also plan a curved steerable-needle path")
+    p.add_argument("--out", default="plan.json", help="plan document to write")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_plan)
+
+    p = sub.add_parser("report", help="self-contained HTML report of a plan for the surgeon")
+    p.add_argument("plan", help="plan document (JSON)")
+    p.add_argument("--out", default="report.html")
+    p.add_argument("--image", help="planning CT (default: the path recorded in the plan)")
+    p.add_argument("--labels", help="label map (default: the path recorded in the plan)")
+    p.set_defaults(handler=_cmd_report)
+
     p = sub.add_parser("demo", help="end-to-end demonstration on a generated patient")
     p.add_argument("--out", default="demo_out", help="output folder")
     p.add_argument("--seed", type=int, default=7)
@@ -237,6 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"needle-steering {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # Output piped into `head` and the like: not an error of ours.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, MemoryError) as exc:
         if args.debug:
             traceback.print_exc()

@@ -12,7 +12,6 @@ never leaves a half-written image behind.
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from needle_steering.atomic import atomic_path
 from needle_steering.errors import GeometryError, ImageError
 from needle_steering.perception.volume import Volume, validate_direction, validate_spacing
 
@@ -328,16 +328,11 @@ def write_volume(volume: Volume, path: str | os.PathLike[str], *, compress: bool
         raise ImageError(f"{p}: folder {p.parent} does not exist")
     if volume.array.dtype.kind == "f" and not np.all(np.isfinite(volume.array)):
         raise ImageError(f"{p}: refusing to write NaN/Inf voxels")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
-    os.close(fd)
     try:
-        sitk_mod.WriteImage(volume_to_sitk(volume), tmp_name, compress)
-        os.replace(tmp_name, p)
+        with atomic_path(p, suffix=suffix) as tmp:
+            sitk_mod.WriteImage(volume_to_sitk(volume), str(tmp), compress)
     except RuntimeError as exc:
         raise ImageError(f"{p}: write failed ({_first_line(exc)})") from None
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     return p
 
 

@@ -14,13 +14,13 @@ Every image pixel is square, with the volume's smallest spacing as its size. The
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from needle_steering.atomic import atomic_path
 from needle_steering.errors import GeometryError, ImageError, LabelError
 from needle_steering.perception.labels import (
     AORTA,
@@ -264,14 +264,8 @@ def save_png(rgb: ArrayLike, path: str | os.PathLike[str]) -> Path:
     if out.suffix.lower() != ".png":
         raise ImageError(f"{out}: save_png writes .png files only")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out, suffix=".png") as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from needle_steering.atomic import write_text_atomic
 from needle_steering.errors import PlanDocumentError
 
 if TYPE_CHECKING:
@@ -555,19 +555,10 @@ def save_plan(plan: PlanDocument, path: str | os.PathLike[str]) -> Path:
     if not p.parent.exists():
         raise PlanDocumentError(f"{p}: folder {p.parent} does not exist")
     text = plan.to_json()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, p)
+        return write_text_atomic(p, text)
     except OSError as exc:
         raise PlanDocumentError(f"{p}: write failed ({exc})") from None
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return p
 
 
 __all__ = [

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from needle_steering.atomic import write_text_atomic
 from needle_steering.errors import ImageError
 from needle_steering.perception.labels import (
     AORTA,
@@ -947,14 +947,7 @@ def write_phantom(phantom: Phantom, out_dir: str | os.PathLike[str]) -> dict[str
     paths = {"ct": out / "ct.nii.gz", "labels": out / "labels.nii.gz", "meta": out / "meta.json"}
     write_volume(phantom.ct, paths["ct"])
     write_volume(phantom.labels, paths["labels"])
-    fd, tmp = tempfile.mkstemp(prefix=".meta.json.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(phantom.meta, fh, indent=1, allow_nan=False)
-        os.replace(tmp, paths["meta"])
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(paths["meta"], json.dumps(phantom.meta, indent=1, allow_nan=False))
     return paths
 
 
