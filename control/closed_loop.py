@@ -32,7 +32,7 @@ from needle_steering.control.needle_model import (
     arc_points_tip_mm,
     step_needle,
 )
-from needle_steering.control.replanner import ArcReplanner, Replanner
+from needle_steering.control.replanner import REPLANNER_KINDS, Replanner, make_replanner
 from needle_steering.control.safety import SafetyLimits, SafetyMonitor, SafetyObservation, SafetyTrip
 from needle_steering.control.sensors import (
     CbctParams,
@@ -127,6 +127,8 @@ class Scenario:
         patient_reference_sigma_mm: noise of the patient reference sensor.
         plan_kappa_fraction: fraction of the nominal curvature the initial plan may use.
         replanner_clearance_mm: clearance the built-in replanner requires.
+        replanner_kind: built-in replanner, one of ``"arc"`` (default, fast), ``"steerable"``
+            (planning's arc RRT) or ``"arc+steerable"`` (arcs first, the RRT when they fail).
         patient_motion_replan_mm: measured patient shift that moves target and obstacles and
             triggers a replan (shifts beyond ``SafetyLimits.max_patient_shift_mm`` stop instead).
         max_sim_s: timeout (s).
@@ -149,6 +151,7 @@ class Scenario:
     patient_reference_sigma_mm: float = 0.05
     plan_kappa_fraction: float = 0.7
     replanner_clearance_mm: float = 2.0
+    replanner_kind: str = "arc"
     patient_motion_replan_mm: float = 0.5
     max_sim_s: float = 300.0
 
@@ -156,6 +159,8 @@ class Scenario:
         check_pose(self.start_T_world_from_tip, "start_T_world_from_tip")
         check_pose(self.believed_start_T_world_from_tip, "believed_start_T_world_from_tip")
         check_point(self.target_mm, "target_mm")
+        if self.replanner_kind not in REPLANNER_KINDS:
+            raise ControlError(f"replanner_kind must be one of {REPLANNER_KINDS}, got {self.replanner_kind!r}")
         if not 0 < self.plan_kappa_fraction <= 1:
             raise ControlError(f"plan_kappa_fraction must be in (0, 1], got {self.plan_kappa_fraction!r}")
 
@@ -261,7 +266,7 @@ def run_episode(
         seed: seed or generator for every noise source (sensors, tissue).
         dt_s: control period (s), > 0; also the truth integration step (exact per step).
         record: keep the trajectories in the result.
-        replanner: replanner to use; :class:`ArcReplanner` when None.
+        replanner: replanner to use; when None, the scenario's ``replanner_kind``.
         post_stop_s: time simulated after the stop, holding, to measure residual travel (s).
 
     Returns:
@@ -275,7 +280,11 @@ def run_episode(
     em_rng, cbct_rng, ref_rng, tissue_rng = rng.spawn(4)
     ctrl_params = replace(sc.controller, control_period_s=dt_s)
     target0 = np.asarray(sc.target_mm, dtype=float)
-    planner = replanner if replanner is not None else ArcReplanner(clearance_mm=sc.replanner_clearance_mm)
+    planner = (
+        replanner
+        if replanner is not None
+        else make_replanner(sc.replanner_kind, clearance_mm=sc.replanner_clearance_mm, seed=0)
+    )
 
     truth = NeedleState.from_pose(sc.start_T_world_from_tip)
     ekf = TipEKF(sc.believed_start_T_world_from_tip, 0.0, sc.needle_nominal, sc.estimator)

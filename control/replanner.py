@@ -1,9 +1,12 @@
 """The ``Replanner`` protocol and a fast arc-based implementation.
 
 A replanner answers one question during an insertion: from the current tip pose, which
-curvature-bounded path reaches the target while keeping clear of critical structures? The
-planning layer's steerable planner will provide another implementation of the same protocol;
-:class:`ArcReplanner` keeps the loop working before that exists.
+curvature-bounded path reaches the target while keeping clear of critical structures? Three
+implementations: :class:`ArcReplanner` (one and two arcs, a few ms), the planning layer's
+:class:`~needle_steering.planning.steerable.SteerablePlanner` (arc RRT, complete for harder
+scenes, up to its time budget) and :class:`FallbackReplanner` (the arc replanner first, the RRT
+when it finds nothing); :func:`make_replanner` builds one by name. ``Path`` and ``PlanResult`` are
+the planning layer's types (control may import planning, never the reverse).
 
 :class:`ArcReplanner` tries, in order:
 
@@ -19,7 +22,6 @@ result carries ``path=None`` and a reason naming what failed and by how much.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -27,64 +29,17 @@ import numpy as np
 from needle_steering.control.geometry import FloatArray, Obstacles, check_point, check_pose
 from needle_steering.control.needle_model import arc_points_tip_mm, arc_to_point
 from needle_steering.errors import ControlError
+from needle_steering.planning.steerable import SteerablePath, SteerablePlanner, SteerablePlanResult
 
-__all__ = ["ArcReplanner", "Path", "PlanResult", "Replanner"]
-
-
-@dataclass(frozen=True)
-class Path:
-    """A tip path sampled in world coordinates.
-
-    Attributes:
-        points_mm: shape (M, 3), M >= 2, first point at the start tip, last at the target.
-        arc_length_mm: shape (M,), cumulative length along the samples (mm), starting at 0.
-        min_clearance_mm: smallest obstacle clearance along the path (mm; inf without obstacles).
-        max_curvature_per_mm: largest curvature the path needs (1/mm).
-        description: human-readable summary (e.g. "arc k=0.0041/mm").
-    """
-
-    points_mm: FloatArray
-    arc_length_mm: FloatArray
-    min_clearance_mm: float
-    max_curvature_per_mm: float
-    description: str = ""
-
-    @staticmethod
-    def from_points(
-        points_mm: FloatArray,
-        min_clearance_mm: float = math.inf,
-        max_curvature_per_mm: float = 0.0,
-        description: str = "",
-    ) -> Path:
-        """Build a path from world points (shape (M, 3), M >= 2), computing arc lengths."""
-        pts = np.asarray(points_mm, dtype=float)
-        if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) < 2 or not np.all(np.isfinite(pts)):
-            raise ControlError(f"path points must be a finite (M >= 2, 3) array, got shape {pts.shape}")
-        seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
-        return Path(pts, np.concatenate([[0.0], np.cumsum(seg)]), min_clearance_mm, max_curvature_per_mm, description)
-
-    @property
-    def length_mm(self) -> float:
-        """Total path length (mm)."""
-        return float(self.arc_length_mm[-1])
-
-    @property
-    def target_mm(self) -> FloatArray:
-        """Shape (3,) last point of the path (mm)."""
-        return self.points_mm[-1]
+__all__ = ["ArcReplanner", "FallbackReplanner", "Path", "PlanResult", "Replanner", "make_replanner"]
 
 
-@dataclass(frozen=True)
-class PlanResult:
-    """Outcome of :meth:`Replanner.plan`: a path, or ``path=None`` with the reason."""
-
-    path: Path | None
-    reason: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True when a feasible path was found."""
-        return self.path is not None
+#: The path and result types are the planning layer's (one definition for both layers): a
+#: :class:`Path` has ``points_mm``, ``arc_length_mm``, ``min_clearance_mm``, ``max_curvature_per_mm``,
+#: ``description``, ``arcs``, ``length_mm``, ``target_mm`` and ``Path.from_points(...)``; a
+#: :class:`PlanResult` has ``path``, ``reason``, ``ok`` (plus ``iterations``, ``seconds``).
+Path = SteerablePath
+PlanResult = SteerablePlanResult
 
 
 @runtime_checkable
@@ -301,3 +256,54 @@ class ArcReplanner:
             return PlanResult(None, "no feasible path: " + "; ".join(reasons))
         pts, kmax, _length, desc = candidates[best[1]]
         return PlanResult(Path.from_points(pts, float(clears[best[1]]), kmax, desc), "; ".join(reasons))
+
+
+class FallbackReplanner:
+    """Tries each replanner in turn and returns the first feasible path (else every reason).
+
+    Args:
+        replanners: Replanners in order of preference (e.g. the fast arc replanner, then the RRT).
+    """
+
+    def __init__(self, *replanners: Replanner) -> None:
+        if not replanners:
+            raise ControlError("FallbackReplanner needs at least one replanner")
+        self.replanners = replanners
+
+    def plan(
+        self,
+        start_T_world_from_tip: FloatArray,
+        target_mm: FloatArray,
+        obstacles: Obstacles,
+        kappa_max_per_mm: float,
+    ) -> PlanResult:
+        """See :meth:`Replanner.plan`."""
+        reasons: list[str] = []
+        for planner in self.replanners:
+            res = planner.plan(start_T_world_from_tip, target_mm, obstacles, kappa_max_per_mm)
+            if res.path is not None:
+                why = "; ".join([*reasons, res.reason]) if reasons else res.reason
+                return PlanResult(res.path, why)
+            reasons.append(f"{type(planner).__name__}: {res.reason}")
+        return PlanResult(None, "; ".join(reasons))
+
+
+#: Replanner names accepted by :func:`make_replanner`.
+REPLANNER_KINDS = ("arc", "steerable", "arc+steerable")
+
+
+def make_replanner(kind: str, *, clearance_mm: float, seed: int = 0) -> Replanner:
+    """Replanner by name: ``"arc"``, ``"steerable"`` (planning's arc RRT) or ``"arc+steerable"``.
+
+    Raises:
+        ControlError: Unknown ``kind``.
+    """
+    if kind == "arc":
+        return ArcReplanner(clearance_mm=clearance_mm)
+    if kind == "steerable":
+        return SteerablePlanner(clearance_mm=clearance_mm, seed=seed)
+    if kind == "arc+steerable":
+        return FallbackReplanner(
+            ArcReplanner(clearance_mm=clearance_mm), SteerablePlanner(clearance_mm=clearance_mm, seed=seed)
+        )
+    raise ControlError(f"unknown replanner {kind!r}; expected one of {REPLANNER_KINDS}")

@@ -111,6 +111,27 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- segment --------------------------------------------------------------------------------------
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from needle_steering.perception.io import read_volume, write_volume
+    from needle_steering.perception.segment import segment_volume
+
+    volume = read_volume(args.image, series_uid=args.series_uid)
+    result = segment_volume(volume, backend=args.backend, device=args.device, modality=args.modality)
+    out = write_volume(result.labels, args.out)
+    if args.json:
+        _print_json({**result.summary(), "out": str(out)})
+        return 0
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{'level':6s} {'id':>4s} {'volume ml':>10s}")
+    for name, entry in result.levels.items():
+        print(f"{name:6s} {entry['id']:>4d} {entry['volume_ml']:>10.1f}")
+    print(f"{result.backend} on {result.device} in {result.seconds:.1f} s, level confidence "
+          f"{result.level_confidence:.2f} ({', '.join(result.anchors) or 'no anatomical anchor'}); wrote {out}")
+    return 0
+
+
 # --- register -----------------------------------------------------------------------------------
 def _cmd_register(args: argparse.Namespace) -> int:
     import tempfile
@@ -257,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_phantom)
 
+    p = sub.add_parser("segment", help="segment and name the vertebrae of a CT or CBCT")
+    p.add_argument("image", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("--out", default="labels.nii.gz", help="label map to write (VerSe ids, input grid)")
+    p.add_argument("--backend", choices=("auto", "classical", "learned"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--modality", choices=("ct", "cbct"), default="ct")
+    p.add_argument("--series-uid", help="series to read when a DICOM folder holds several")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_segment)
+
     p = sub.add_parser("register", help="rigid per-vertebra registration of a CBCT to the pre-operative CT")
     p.add_argument("--fixed", required=True, help="pre-operative CT (file or DICOM folder)")
     p.add_argument("--moving", required=True, help="intra-operative CBCT (file or DICOM folder)")
@@ -270,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="planning CT (file or DICOM folder), HU")
     p.add_argument("--labels", required=True, help="VerSe label map on the CT grid")
     p.add_argument("--levels", default="L1-L5", help="levels for bilateral pedicle screws ('' for none)")
-    p.add_argument("--biopsy-target", metavar="X,Y,Z", help="biopsy target, LPS mm (write --biopsy-target=-1,2,3 when X < 0)")
+    p.add_argument("--biopsy-target", metavar="X,Y,Z",
+                   help="biopsy target, LPS mm (write --biopsy-target=-1,2,3 when X < 0)")
     p.add_argument("--steerable", action="store_true", help="also plan a curved steerable-needle path")
     p.add_argument("--out", default="plan.json", help="plan document to write")
     p.add_argument("--json", action="store_true")

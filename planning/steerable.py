@@ -172,6 +172,25 @@ class SteerablePath:
     description: str = ""
     arcs: tuple[tuple[float, float], ...] = ()
 
+    @classmethod
+    def from_points(
+        cls,
+        points_mm: ArrayLike,
+        min_clearance_mm: float = math.inf,
+        max_curvature_per_mm: float = 0.0,
+        description: str = "",
+    ) -> SteerablePath:
+        """Path through world points ``(M, 3)``, ``M >= 2`` (mm), with cumulative arc lengths.
+
+        Raises:
+            PlanningError: Not a finite ``(M >= 2, 3)`` array.
+        """
+        pts = np.asarray(points_mm, dtype=np.float64)
+        if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) < 2 or not np.all(np.isfinite(pts)):
+            raise PlanningError(f"path points must be a finite (M >= 2, 3) array, got shape {pts.shape}")
+        seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+        return cls(pts, np.concatenate([[0.0], np.cumsum(seg)]), min_clearance_mm, max_curvature_per_mm, description)
+
     @property
     def length_mm(self) -> float:
         """Total length, mm."""

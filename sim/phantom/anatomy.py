@@ -12,7 +12,9 @@ spread between individuals and between the published series themselves:
   anatomy.* Spine 1992;17(3):299-306 -- lumbar body, canal, processes.
 * Zindrick MR, Wiltse LL, Doornik A, et al. *Analysis of the morphometric characteristics of the
   thoracic and lumbar pedicles.* Spine 1987;12(2):160-166 -- pedicle isthmus width/height,
-  transverse and sagittal pedicle angles (L1 ~11 deg to L5 ~30 deg convergence).
+  transverse and sagittal pedicle angles (L1 ~11 deg to L5 ~30 deg convergence). The lumbar
+  transverse pedicle widths L1-L4 are Zindrick's means (8.7, 8.9, 10.3, 12.9 mm); an earlier
+  version of this table was about 10 % narrower than its own source (7.8, 8.3, 9.6, 11.3 mm).
 * Olsewski JM, Simmons EH, Kallen FC, et al. *Morphometry of the lumbar spine: anatomical
   perspectives related to transpedicular fixation.* J Bone Joint Surg Am 1990;72(4):541-549 --
   lumbar isthmus widths (the L5 value here, ~13 mm, follows the CT-based series; Zindrick's
@@ -117,10 +119,10 @@ _BODY_PEDICLE_CANAL: dict[str, tuple[float, ...]] = {
     "T10": (36.0, 29.5, 21.5, 20.5, 7.0, 15.0, 6.0, 11.0, 17.5, 16.0),
     "T11": (38.5, 31.0, 23.0, 22.0, 7.8, 16.5, 5.0, 8.0, 19.0, 16.5),
     "T12": (40.5, 32.5, 24.0, 23.0, 8.0, 16.0, 4.0, 6.0, 21.0, 17.0),
-    "L1": (42.0, 33.5, 26.0, 24.5, 7.8, 15.4, 11.0, 4.0, 22.0, 17.5),
-    "L2": (44.0, 34.5, 26.5, 25.5, 8.3, 15.0, 12.0, 3.0, 22.5, 17.0),
-    "L3": (46.0, 35.5, 26.5, 26.5, 9.6, 14.9, 14.5, 2.0, 23.0, 16.5),
-    "L4": (48.0, 36.0, 26.0, 27.0, 11.3, 14.8, 18.0, 1.0, 24.0, 16.5),
+    "L1": (42.0, 33.5, 26.0, 24.5, 8.7, 15.4, 11.0, 4.0, 22.0, 17.5),
+    "L2": (44.0, 34.5, 26.5, 25.5, 8.9, 15.0, 12.0, 3.0, 22.5, 17.0),
+    "L3": (46.0, 35.5, 26.5, 26.5, 10.3, 14.9, 14.5, 2.0, 23.0, 16.5),
+    "L4": (48.0, 36.0, 26.0, 27.0, 12.9, 14.8, 18.0, 1.0, 24.0, 16.5),
     "L5": (50.0, 36.0, 25.0, 28.5, 13.2, 14.0, 27.0, 0.0, 26.5, 17.0),
 }
 

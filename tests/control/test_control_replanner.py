@@ -89,3 +89,28 @@ def test_path_from_points_and_plan_result() -> None:
     assert p.length_mm == 5.0
     assert PlanResult(None, "x").ok is False
     assert math.isinf(p.min_clearance_mm)
+
+
+def test_control_reuses_the_planning_path_types() -> None:
+    from needle_steering.planning.steerable import SteerablePath, SteerablePlanResult
+
+    assert Path is SteerablePath and PlanResult is SteerablePlanResult
+
+
+def test_fallback_uses_the_steerable_planner_when_arcs_fail() -> None:
+    from needle_steering.control.replanner import FallbackReplanner, make_replanner
+    from needle_steering.planning.steerable import SteerablePlanner
+
+    # an obstacle on the straight line; a deliberately crippled arc replanner (one bending
+    # direction, a 1 % first arc) cannot pass it, the RRT can
+    obstacles = Obstacles(np.array([[0.0, 0.0, 50.0]]), np.array([4.0]))
+    target = np.array([0.0, 0.0, 110.0])
+    weak = ArcReplanner(clearance_mm=1.0, n_bend_angles=1, first_arc_length_fractions=(0.01,))
+    arc = weak.plan(np.eye(4), target, obstacles, 0.02)
+    assert not arc.ok, "the scene must defeat the crippled arc replanner"
+    both = FallbackReplanner(weak, SteerablePlanner(clearance_mm=1.0, seed=1, time_budget_s=2.0))
+    res = both.plan(np.eye(4), target, obstacles, 0.02)
+    assert res.ok and res.path is not None, res.reason
+    assert obstacles.clearance_mm(res.path.points_mm).min() >= 1.0 - 1e-9
+    np.testing.assert_allclose(res.path.target_mm, target, atol=1e-6)
+    assert isinstance(make_replanner("arc+steerable", clearance_mm=1.0), Replanner)

@@ -1,0 +1,348 @@
+"""Classical vertebra segmentation: HU thresholds, the spinal canal as the guide, discs as the cuts.
+
+No network: a transparent fallback and a cross-check for the learned backend. Steps, all on an
+LPS-aligned working grid (i -> Left, j -> Posterior, k -> Superior):
+
+1. body = the largest connected region above -300 HU; bone = body voxels above a bone threshold
+   (fixed for calibrated CT, estimated from the histogram for CBCT, whose HU drift);
+2. the spinal canal, slice by slice: a low-density hole enclosed by bone near the body's midline,
+   tracked cranio-caudally (interpolated where the bony ring is open, at the discs);
+3. the spine = bone near the canal track that touches the canal's neighbourhood; cancellous holes
+   are filled, the canal is not;
+4. intervertebral discs = minima of the bone profile of the vertebral-body column along the track;
+   bodies between discs seed a watershed over the bone, which carries each posterior arch to its own
+   body through the pedicles;
+5. naming is done by :mod:`needle_steering.perception.levels`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from needle_steering.errors import SegmentationError
+from needle_steering.perception.volume import Volume
+
+#: Bone threshold for calibrated CT (HU). Cancellous bone at 3 mm partial volume sits near 100-200.
+CT_BONE_HU = 120.0
+#: Bone threshold for calibrated CT at <= 1.6 mm spacing (HU).
+FINE_CT_BONE_HU = 200.0
+#: Holes darker than this (HU) are not cancellous bone (canal, fat, gas): never filled.
+MAX_CANAL_HU = 70.0
+
+
+@dataclass
+class SpineSegments:
+    """Result of :func:`segment_spine` on the working grid.
+
+    Attributes:
+        work: The LPS-aligned working grid (float32 HU).
+        segments: int32 array, 0 background, 1..n vertebra segments ordered cranial -> caudal.
+        canal: bool mask of the spinal canal.
+        canal_track_ijk: ``(K, 2)`` canal centre (i, j) per axial slice k (NaN where none).
+        disc_k: Slice indices of the detected discs.
+        features: Per segment (index 1..n): measurements used for naming.
+        warnings: Human-readable caveats.
+    """
+
+    work: Volume
+    segments: NDArray[np.int32]
+    canal: NDArray[np.bool_]
+    canal_track_ijk: NDArray[np.float64]
+    disc_k: list[int]
+    features: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def to_lps_grid(volume: Volume, spacing_mm: float, default: float) -> Volume:
+    """Resample ``volume`` onto an axis-aligned LPS grid of isotropic ``spacing_mm`` covering it."""
+    from needle_steering.perception.io import resample_like
+
+    lo, hi = volume.extent_lps_mm()
+    size = np.maximum(2, np.ceil((hi - lo) / spacing_mm).astype(int) + 1)
+    template = Volume(np.zeros(tuple(int(s) for s in size), np.uint8), [spacing_mm] * 3, lo, np.eye(3))
+    if np.allclose(volume.direction, np.eye(3)) and np.allclose(volume.spacing_mm, spacing_mm):
+        return Volume(volume.array.astype(np.float32), volume.spacing_mm, volume.origin_lps_mm, np.eye(3))
+    return resample_like(volume, template, is_label=False, default=default)
+
+
+def bone_threshold(hu: NDArray[Any], body: NDArray[np.bool_], modality: str, spacing_mm: float = 1.0) -> float:
+    """Bone threshold: fixed for CT; for CBCT between the soft-tissue peak and dense bone.
+
+    At fine spacing the cortex is resolved and a higher threshold keeps the surface on the bone
+    (partial volume spreads the cortex's HU outward); at coarse spacing the lower one keeps thin
+    cortex and cancellous bone in.
+    """
+    if modality == "ct":
+        return CT_BONE_HU if spacing_mm > 1.6 else FINE_CT_BONE_HU
+    inside = hu[body]
+    soft = float(np.median(inside[(inside > -200) & (inside < 300)])) if inside.size else 0.0
+    dense = float(np.percentile(inside, 99.5)) if inside.size else 1000.0
+    return soft + 0.3 * (dense - soft)
+
+
+def _largest_component(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    return lab == (int(np.argmax(sizes)) + 1)
+
+
+def _canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float,
+                 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Per axial slice, the centre of the canal hole (NaN where no closed ring is seen)."""
+    n_k = hu.shape[2]
+    track = np.full((n_k, 2), np.nan)
+    canal = np.zeros(hu.shape, bool)
+    area_mm2 = spacing * spacing
+    candidates: list[list[tuple[float, float, NDArray[np.bool_], float]]] = []
+    body_x = np.full(n_k, np.nan)
+    for k in range(n_k):
+        sl = bone[:, :, k]
+        cands: list[tuple[float, float, NDArray[np.bool_], float]] = []
+        if body[:, :, k].any():
+            body_x[k] = float(np.mean(np.nonzero(body[:, :, k])[0]))
+        if sl.sum() * area_mm2 > 200:
+            closed = ndimage.binary_closing(sl, iterations=1)
+            holes = ndimage.binary_fill_holes(closed) & ~closed
+            lab, _ = ndimage.label(holes)
+            for idx, obj in enumerate(ndimage.find_objects(lab), start=1):
+                if obj is None:
+                    continue
+                hole = lab[obj] == idx
+                area = float(hole.sum()) * area_mm2
+                if not 60.0 <= area <= 700.0:
+                    continue
+                mean_hu = float(hu[:, :, k][obj][hole].mean())
+                if mean_hu > MAX_CANAL_HU:
+                    continue
+                ci, cj = ndimage.center_of_mass(hole)
+                full = np.zeros(sl.shape, bool)
+                full[obj] = hole
+                cands.append((ci + obj[0].start, cj + obj[1].start, full, area))
+        candidates.append(cands)
+    # Lateral midline of the body: the canal lies close to it.
+    mid_x = float(np.nanmedian(body_x)) if np.isfinite(body_x).any() else hu.shape[0] / 2
+    scored = [(k, c) for k, cands in enumerate(candidates) for c in cands
+              if abs(c[0] - mid_x) * spacing < 40.0]
+    if not scored:
+        return track, canal
+    ref_i = float(np.median([c[0] for _, c in scored]))
+    ref_j = float(np.median([c[1] for _, c in scored]))
+    for k, cands in enumerate(candidates):
+        best = None
+        best_d = 25.0 / spacing
+        for c in cands:
+            d = float(np.hypot(c[0] - ref_i, (c[1] - ref_j) * 0.6))
+            if d < best_d:
+                best, best_d = c, d
+        if best is not None:
+            track[k] = best[:2]
+            canal[:, :, k] = best[2]
+    return track, canal
+
+
+def _fill_track(track: NDArray[np.float64], max_gap_slices: int) -> NDArray[np.float64]:
+    out = track.copy()
+    valid = np.isfinite(track[:, 0])
+    if valid.sum() < 2:
+        return out
+    ks = np.arange(track.shape[0])
+    idx = ks[valid]
+    for axis in range(2):
+        out[:, axis] = np.interp(ks, idx, track[valid, axis])
+    # Beyond the first/last seen slice, extend only a little.
+    out[: max(0, idx[0] - max_gap_slices)] = np.nan
+    out[idx[-1] + max_gap_slices + 1 :] = np.nan
+    return out
+
+
+def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | None = None) -> SpineSegments:
+    """Separate the vertebrae of ``ct`` (unnamed segments, cranial to caudal).
+
+    Args:
+        ct: CT (HU) or CBCT.
+        modality: ``"ct"`` or ``"cbct"``.
+        work_spacing_mm: Isotropic working spacing (default: the finest input spacing, at least 1 mm).
+
+    Raises:
+        SegmentationError: No body, no bone, or no spinal canal found.
+    """
+    spacing = float(work_spacing_mm or max(1.0, float(np.min(ct.spacing_mm))))
+    work = to_lps_grid(ct, spacing, default=-1024.0)
+    hu = work.array.astype(np.float32)
+    if modality == "cbct":
+        hu = ndimage.median_filter(hu, size=3)
+    body = _largest_component(hu > -300)
+    if body.sum() * spacing**3 < 50_000:
+        raise SegmentationError(f"{ct.metadata.get('source', 'image')}: no patient body found (HU > -300)")
+    threshold = bone_threshold(hu, body, modality, spacing)
+    bone = (hu > threshold) & body
+    if bone.sum() * spacing**3 < 20_000:
+        raise SegmentationError(
+            f"{ct.metadata.get('source', 'image')}: no bone found above {threshold:.0f} HU "
+            f"({bone.sum() * spacing**3 / 1000:.1f} ml)"
+        )
+    track, canal = _canal_track(hu, bone, body, spacing)
+    seen = int(np.isfinite(track[:, 0]).sum())
+    if seen < max(3, int(15.0 / spacing)):
+        raise SegmentationError(
+            f"{ct.metadata.get('source', 'image')}: no spinal canal found (a closed bony ring in {seen} slices)"
+        )
+    track = _fill_track(track, max_gap_slices=int(20 / spacing))
+    segments, disc_k, warnings, body_k = _split_vertebrae(hu, bone, canal, track, spacing)
+    result = SpineSegments(work, segments, canal, track, disc_k, warnings=warnings)
+    result.features = _features(result, hu, bone, body_k)
+    return result
+
+
+def _spine_roi(shape: tuple[int, ...], track: NDArray[np.float64], spacing: float, *,
+               lateral_mm: float, anterior_mm: float, posterior_mm: float) -> NDArray[np.bool_]:
+    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    roi = np.zeros(shape, bool)
+    for k in range(shape[2]):
+        ci, cj = track[k]
+        if not np.isfinite(ci):
+            continue
+        di = (ii - ci) * spacing
+        dj = (jj - cj) * spacing
+        roi[:, :, k] = (np.abs(di) <= lateral_mm) & (dj >= -anterior_mm) & (dj <= posterior_mm)
+    return roi
+
+
+def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.bool_],
+                     track: NDArray[np.float64], spacing: float,
+                     ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]]]:
+    from skimage.segmentation import watershed
+
+    warnings: list[str] = []
+    roi = _spine_roi(bone.shape, track, spacing, lateral_mm=55.0, anterior_mm=65.0, posterior_mm=60.0)
+    spine_bone = bone & roi
+    # Keep the bone that belongs to the column: components touching the canal's neighbourhood.
+    near_canal = ndimage.binary_dilation(canal, iterations=max(1, round(6 / spacing))) & roi
+    lab, _ = ndimage.label(spine_bone)
+    keep = np.unique(lab[near_canal & spine_bone])
+    keep = keep[keep > 0]
+    spine_bone = np.isin(lab, keep)
+    # Fill cancellous holes slice by slice, but never the canal or dark (fat/CSF) holes.
+    filled = spine_bone.copy()
+    for k in range(bone.shape[2]):
+        sl = spine_bone[:, :, k]
+        if not sl.any():
+            continue
+        holes = ndimage.binary_fill_holes(sl) & ~sl
+        hl, n = ndimage.label(holes)
+        if n == 0:
+            continue
+        means = ndimage.mean(hu[:, :, k], hl, index=np.arange(1, n + 1))
+        on_canal = np.unique(hl[canal[:, :, k]])
+        ok = [i + 1 for i, m in enumerate(means) if m > MAX_CANAL_HU and (i + 1) not in on_canal]
+        filled[:, :, k] |= np.isin(hl, ok)
+    spine_bone = ndimage.binary_closing(filled, iterations=1) & roi & ~canal
+
+    # Vertebral bodies: the bone column in front of the canal, eroded once so that the discs
+    # (and their partial-volume rims) separate it into one 3-D component per body.
+    body_roi = _spine_roi(bone.shape, track, spacing, lateral_mm=20.0, anterior_mm=50.0, posterior_mm=-9.0)
+    column = spine_bone & body_roi
+    eroded = ndimage.binary_erosion(column, iterations=max(1, round(2.0 / spacing)))
+    lab, _ = ndimage.label(eroded)
+    min_ml = 2.0
+    bodies: list[tuple[int, int, NDArray[np.bool_]]] = []
+    for idx, obj in enumerate(ndimage.find_objects(lab), start=1):
+        if obj is None:
+            continue
+        part = lab[obj] == idx
+        if part.sum() * spacing**3 / 1000.0 < min_ml:
+            continue
+        full = np.zeros(bone.shape, bool)
+        full[obj] = part
+        bodies.append((obj[2].start, obj[2].stop, full))
+    if not bodies:
+        raise SegmentationError("no vertebral body found along the spinal canal")
+    # A body component much taller than its neighbours holds two bodies whose disc did not
+    # separate (bridging osteophytes, a tilted disc at coarse spacing): split it at the weakest
+    # cross-section near its middle.
+    heights = np.array([b - a for a, b, _ in bodies], dtype=float)
+    typical = float(np.median(heights))
+    split: list[tuple[int, int, NDArray[np.bool_]]] = []
+    for a, b, mask in bodies:
+        if len(bodies) >= 3 and (b - a) > 1.3 * typical:
+            area = mask.sum(axis=(0, 1)).astype(float)
+            lo, hi = a + (b - a) // 3, b - (b - a) // 3
+            cut = lo + int(np.argmin(area[lo:hi])) if hi > lo else (a + b) // 2
+            upper, lower = mask.copy(), mask.copy()
+            upper[:, :, :cut] = False
+            lower[:, :, cut:] = False
+            split.extend([(a, cut, lower), (cut, b, upper)])
+            warnings.append(f"split a {(b - a) * spacing:.0f} mm tall body column at slice {cut}: disc not visible")
+        else:
+            split.append((a, b, mask))
+    markers = np.zeros(bone.shape, np.int32)
+    discs: list[int] = []
+    split.sort(key=lambda t: t[0])
+    for n_seg, (a, _b, mask) in enumerate(split, start=1):
+        markers[mask] = n_seg
+        if n_seg > 1:
+            discs.append(int(a))
+    n_seg = len(split)
+    # Flood from the bodies over the bone's distance map: basins meet at thin necks (facet
+    # joints, touching spinous processes) rather than through the thick pedicles.
+    distance = ndimage.distance_transform_edt(spine_bone, sampling=[spacing] * 3)
+    segments = watershed(-distance, markers=markers, mask=spine_bone).astype(np.int32)
+    # Order cranial -> caudal (k increases superiorly): reverse the caudal-first numbering.
+    order = sorted(range(1, n_seg + 1), key=lambda s: -float(np.nonzero(markers == s)[2].mean()))
+    remap = np.zeros(n_seg + 1, np.int32)
+    for new, old in enumerate(order, start=1):
+        remap[old] = new
+    body_k = [(int(split[old - 1][0]), int(split[old - 1][1])) for old in order]
+    return remap[segments], [int(d) for d in discs], warnings, body_k
+
+
+def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
+              body_k: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Per segment: volume, height, body width, rib evidence, position."""
+    spacing = float(result.work.spacing_mm[0])
+    seg = result.segments
+    n = int(seg.max())
+    feats: list[dict[str, Any]] = []
+    spine_any = seg > 0
+    for s in range(1, n + 1):
+        mask = seg == s
+        ks = np.nonzero(mask.any(axis=(0, 1)))[0]
+        k_lo, k_hi = int(ks.min()), int(ks.max())
+        # Rib and width evidence from the slices of the vertebral body only (posterior elements
+        # and tilt make the whole segment overlap its neighbours).
+        b_lo, b_hi = body_k[s - 1]
+        k_mid = (b_lo + b_hi) // 2
+        ci, cj = result.canal_track_ijk[k_mid]
+        # Rib evidence: bone beside the vertebra, outside the spine mask, in the slices it spans.
+        rib_vox = 0
+        if np.isfinite(ci):
+            i0 = int(max(0, ci - 110 / spacing))
+            i1 = int(min(seg.shape[0], ci + 110 / spacing))
+            j0 = int(max(0, cj - 45 / spacing))
+            j1 = int(min(seg.shape[1], cj + 40 / spacing))
+            box = bone[i0:i1, j0:j1, b_lo:b_hi] & ~spine_any[i0:i1, j0:j1, b_lo:b_hi]
+            ii = np.arange(i0, i1)[:, None, None]
+            lateral = (np.abs(ii - ci) * spacing >= 40) & (np.abs(ii - ci) * spacing <= 75)
+            rib_vox = int((box & lateral).sum())
+        width_mm = float(np.ptp(np.nonzero(mask[:, :, k_mid])[0]) * spacing) if mask[:, :, k_mid].any() else 0.0
+        feats.append({
+            "segment": s,
+            "volume_ml": float(mask.sum() * spacing**3 / 1000.0),
+            "height_mm": float((k_hi - k_lo + 1) * spacing),
+            "k_range": (k_lo, k_hi),
+            "body_k_range": (b_lo, b_hi - 1),
+            "body_height_mm": float((b_hi - b_lo) * spacing),
+            "width_mm": width_mm,
+            "rib_bone_ml": float(rib_vox * spacing**3 / 1000.0),
+            "touches_top": bool(k_hi >= seg.shape[2] - 2),
+            "touches_bottom": bool(k_lo <= 1),
+            "mean_hu": float(hu[mask].mean()),
+        })
+    return feats

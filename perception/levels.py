@@ -1,0 +1,119 @@
+"""Naming vertebral segments (cranial -> caudal) with anatomical anchors and a confidence.
+
+Anchors, strongest first:
+
+- the sacrum: the caudal segment that is much larger (fused sacral vertebrae, alae) than the
+  mobile vertebrae above it; the segment above it is L5;
+- ribs: thoracic vertebrae carry ribs; the last rib-bearing vertebra is T12. Bone beside the
+  lumbar spine low down is the iliac crest, not a rib, so rib evidence counts only for segments
+  well above the sacrum;
+- without either anchor the names come from a weak prior (the caudal-most complete segment is
+  taken as L5) and the confidence says so: labels are never shifted silently.
+
+Transitional anatomy (a sixth lumbar vertebra, L6 = 25; thirteen rib-bearing vertebrae, T13 = 28)
+shows up as a disagreement between the two anchors; the result then keeps the sacrum's naming,
+lowers the confidence and states the disagreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from needle_steering.perception.labels import STANDARD_ORDER, level_id
+
+#: Minimum bone beside a vertebra (ml) that counts as a rib pair.
+RIB_EVIDENCE_ML = 3.0
+
+
+@dataclass
+class LevelAssignment:
+    """Names of the segments, cranial -> caudal, with confidence (0-1) and reasons."""
+
+    names: list[str]
+    confidence: float
+    anchors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def ids(self) -> list[int]:
+        """VerSe ids in segment order."""
+        return [level_id(n) for n in self.names]
+
+
+def _is_sacrum(features: list[dict[str, Any]]) -> bool:
+    if len(features) < 2:
+        return False
+    last = features[-1]
+    others = [f["volume_ml"] for f in features[:-1] if not f["touches_top"]] or [features[-2]["volume_ml"]]
+    typical = float(np.median(others))
+    return bool(last["volume_ml"] > 1.6 * typical or last["width_mm"] > 95.0)
+
+
+def _names_from_anchor(n: int, anchor_index: int, anchor_name: str) -> list[str]:
+    pos = STANDARD_ORDER.index(anchor_name)
+    names = []
+    for i in range(n):
+        j = pos + (i - anchor_index)
+        if j < 0 or j >= len(STANDARD_ORDER):
+            names.append("")
+        else:
+            names.append(STANDARD_ORDER[j])
+    return names
+
+
+def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
+    """Name segments described by ``features`` (as produced by the classical segmenter).
+
+    Each feature dict holds ``volume_ml``, ``width_mm``, ``rib_bone_ml``, ``touches_top``,
+    ``touches_bottom``; the list runs cranial -> caudal.
+    """
+    n = len(features)
+    if n == 0:
+        return LevelAssignment([], 0.0, warnings=["no vertebra found"])
+    anchors: list[str] = []
+    warnings: list[str] = []
+    sacrum = _is_sacrum(features)
+    rib_flags = [f["rib_bone_ml"] >= RIB_EVIDENCE_ML for f in features]
+    # Ribs only count above the lowest four mobile segments when a sacrum is present (iliac crest).
+    usable_rib = list(rib_flags)
+    if sacrum:
+        for i in range(max(0, n - 1 - 4), n):
+            usable_rib[i] = False
+    last_rib = max((i for i, r in enumerate(usable_rib) if r), default=None)
+    rib_names = _names_from_anchor(n, last_rib, "T12") if last_rib is not None else None
+    if sacrum:
+        names = _names_from_anchor(n, n - 1, "S")
+        anchors.append("sacrum")
+        # One anchor alone cannot rule out a merged L5 + sacrum or an unresolved disc.
+        confidence = 0.6
+        if rib_names is not None and last_rib is not None:
+            anchors.append("ribs")
+            if rib_names == names:
+                confidence = 0.95
+            else:
+                confidence = 0.5
+                warnings.append(
+                    f"anchors disagree: the sacrum makes segment {last_rib + 1} {names[last_rib]}, the last rib "
+                    f"makes it T12 (transitional anatomy such as L6 or T13?); kept the sacrum's naming"
+                )
+        else:
+            warnings.append("levels counted from the sacrum alone (no rib-bearing vertebra seen): verify L5/S1")
+    elif rib_names is not None:
+        names = rib_names
+        anchors.append("ribs")
+        confidence = 0.7
+        warnings.append("no sacrum in the field of view: levels counted from the last rib-bearing vertebra (T12)")
+    else:
+        complete = [i for i, f in enumerate(features) if not f["touches_bottom"]]
+        anchor = complete[-1] if complete else n - 1
+        names = _names_from_anchor(n, anchor, "L5")
+        confidence = 0.3
+        warnings.append(
+            "no sacrum and no ribs in the field of view: levels assigned from a weak prior "
+            "(caudal-most complete vertebra = L5); verify the level names before planning"
+        )
+    if any(name == "" for name in names):
+        warnings.append("some segments fall outside C1-sacrum with these anchors and are left unnamed")
+    return LevelAssignment(names, confidence, anchors, warnings)
