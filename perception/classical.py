@@ -31,8 +31,13 @@ from needle_steering.perception.volume import Volume
 CT_BONE_HU = 120.0
 #: Bone threshold for calibrated CT at <= 1.6 mm spacing (HU).
 FINE_CT_BONE_HU = 200.0
-#: Holes darker than this (HU) are not cancellous bone (canal, fat, gas): never filled.
-MAX_CANAL_HU = 70.0
+#: Typical cortical bone and soft tissue (HU) of a calibrated CT, for the surface rim level.
+CORTEX_HU = 700.0
+SOFT_TISSUE_HU = 40.0
+#: Holes darker than this (HU) are not cancellous bone (fat, gas): never filled.
+MAX_CANAL_HU = 30.0
+#: A canal candidate (a hole enclosed by bone) is darker than this on average (CSF, fat; HU).
+CANAL_CANDIDATE_MAX_HU = 100.0
 
 
 @dataclass
@@ -119,7 +124,7 @@ def _canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.boo
                 if not 60.0 <= area <= 700.0:
                     continue
                 mean_hu = float(hu[:, :, k][obj][hole].mean())
-                if mean_hu > MAX_CANAL_HU:
+                if mean_hu > CANAL_CANDIDATE_MAX_HU:
                     continue
                 ci, cj = ndimage.center_of_mass(hole)
                 full = np.zeros(sl.shape, bool)
@@ -195,7 +200,12 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
             f"{ct.metadata.get('source', 'image')}: no spinal canal found (a closed bony ring in {seen} slices)"
         )
     track = _fill_track(track, max_gap_slices=int(20 / spacing))
-    segments, disc_k, warnings, body_k = _split_vertebrae(hu, bone, canal, track, spacing)
+    if modality == "ct":
+        rim_hu = 0.5 * (CORTEX_HU + SOFT_TISSUE_HU)
+    else:
+        dense = float(np.percentile(hu[bone], 90))
+        rim_hu = threshold + 0.5 * (dense - threshold)
+    segments, disc_k, warnings, body_k = _split_vertebrae(hu, bone, canal, track, spacing, rim_hu=rim_hu)
     result = SpineSegments(work, segments, canal, track, disc_k, warnings=warnings)
     result.features = _features(result, hu, bone, body_k)
     return result
@@ -216,7 +226,7 @@ def _spine_roi(shape: tuple[int, ...], track: NDArray[np.float64], spacing: floa
 
 
 def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.bool_],
-                     track: NDArray[np.float64], spacing: float,
+                     track: NDArray[np.float64], spacing: float, *, rim_hu: float,
                      ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]]]:
     from skimage.segmentation import watershed
 
@@ -290,10 +300,31 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         if n_seg > 1:
             discs.append(int(a))
     n_seg = len(split)
-    # Flood from the bodies over the bone's distance map: basins meet at thin necks (facet
-    # joints, touching spinous processes) rather than through the thick pedicles.
+    # In an axial slice through a body, the bone connected to it in that slice (pedicles,
+    # laminae, transverse processes: the ring around the canal) belongs to it: seed that first,
+    # so that touching arches of neighbours cannot claim it in 3-D.
+    for k in range(bone.shape[2]):
+        present = np.unique(markers[:, :, k])
+        present = present[present > 0]
+        if present.size != 1:
+            continue
+        comp, n_comp = ndimage.label(spine_bone[:, :, k])
+        if n_comp == 0:
+            continue
+        hit = np.unique(comp[markers[:, :, k] > 0])
+        hit = hit[hit > 0]
+        markers[:, :, k][np.isin(comp, hit) & (markers[:, :, k] == 0)] = int(present[0])
+    # Flood the rest from those seeds over the bone's distance map: basins meet at thin necks
+    # (facet joints, touching spinous processes) rather than through thick bone.
     distance = ndimage.distance_transform_edt(spine_bone, sampling=[spacing] * 3)
     segments = watershed(-distance, markers=markers, mask=spine_bone).astype(np.int32)
+    if spacing <= 1.6:
+        # The threshold that keeps thin cortex connected puts the surface ~half a voxel outside the
+        # bone (partial volume): peel the outer rim where it is darker than the cortex mid-level.
+        for _ in range(2):
+            solid = segments > 0
+            rim = solid & ~ndimage.binary_erosion(solid)
+            segments[rim & (hu < rim_hu)] = 0
     # Order cranial -> caudal (k increases superiorly): reverse the caudal-first numbering.
     order = sorted(range(1, n_seg + 1), key=lambda s: -float(np.nonzero(markers == s)[2].mean()))
     remap = np.zeros(n_seg + 1, np.int32)

@@ -81,7 +81,15 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
     if sacrum:
         for i in range(max(0, n - 1 - 4), n):
             usable_rib[i] = False
-    last_rib = max((i for i, r in enumerate(usable_rib) if r), default=None)
+    # Ribs form a run from the cranial end; a run that starts lower down is the iliac crest (or
+    # a rib-like artefact) and does not anchor anything. A run covering every segment is ambiguous.
+    last_rib: int | None = None
+    if usable_rib and usable_rib[0]:
+        run_end = 0
+        while run_end + 1 < n and usable_rib[run_end + 1]:
+            run_end += 1
+        if run_end < n - 1:
+            last_rib = run_end
     rib_names = _names_from_anchor(n, last_rib, "T12") if last_rib is not None else None
     if sacrum:
         names = _names_from_anchor(n, n - 1, "S")
@@ -103,7 +111,7 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
     elif rib_names is not None:
         names = rib_names
         anchors.append("ribs")
-        confidence = 0.7
+        confidence = 0.6
         warnings.append("no sacrum in the field of view: levels counted from the last rib-bearing vertebra (T12)")
     else:
         complete = [i for i, f in enumerate(features) if not f["touches_bottom"]]

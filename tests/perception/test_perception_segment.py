@@ -34,8 +34,19 @@ def test_phantom_levels_are_named_correctly(phantom_ct: tuple[Volume, Volume]) -
     # Measured floor of the classical backend (posterior elements split at facet joints are
     # the main error); the 0.95 target is not met yet.
     for level in ("L1", "L2", "L3", "L4", "L5"):
-        assert scores[level]["dice"] >= 0.6, (level, scores[level])
+        assert scores[level]["dice"] >= 0.75, (level, scores[level])
     assert set(result.levels) >= {"L1", "L2", "L3", "L4", "L5"}
+
+
+@pytest.mark.parametrize("seed", [5, 8])
+def test_cbct_names_are_right_or_flagged(seed: int) -> None:
+    phantom = generate_phantom(PhantomConfig(seed=seed, modality="cbct", spacing_mm=1.5))
+    result = segment_volume(phantom.ct, backend="classical", modality="cbct")
+    ident = level_identification(result.labels, phantom.labels)
+    lumbar = [ident["pairs"].get(name) == name for name in ("L1", "L2", "L3", "L4")]
+    # Never a confident wrong shift: either every lumbar level is right, or the confidence says
+    # the names must be checked.
+    assert all(lumbar) or (result.level_confidence <= 0.5 and result.warnings), (ident, result.warnings)
 
 
 def test_real_ct_segments_with_stated_uncertainty(shared_data: Path) -> None:
