@@ -152,6 +152,58 @@ def _canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.boo
     return track, canal
 
 
+def _enclosed_canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float,
+                          ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Canal track where the bony ring is open in most slices (thin laminae, coarse slices).
+
+    A canal voxel is dark (below the soft-tissue median: CSF, epidural fat) and nearly enclosed
+    by bone: of 16 in-plane directions, at least 13 meet bone within 25 mm. Computed on a 2 mm
+    in-plane grid; the largest such blob near the body's midline is the canal of that slice.
+    """
+    step = max(1, round(2.0 / spacing))
+    hu_c = hu[::step, ::step, :]
+    bone_c = bone[::step, ::step, :]
+    body_c = body[::step, ::step, :]
+    soft = float(np.median(hu_c[body_c & (hu_c > -200) & (hu_c < 200)])) if body_c.any() else 40.0
+    dark = body_c & (hu_c < soft) & ~bone_c
+    reach = max(2, round(25.0 / (spacing * step)))
+    hits = np.zeros(hu_c.shape, np.int16)
+    angles = np.linspace(0.0, 2 * np.pi, 16, endpoint=False)
+    for angle in angles:
+        di, dj = np.cos(angle), np.sin(angle)
+        seen = np.zeros(hu_c.shape, bool)
+        for r in range(1, reach + 1):
+            si, sj = round(di * r), round(dj * r)
+            shifted = np.zeros_like(bone_c)
+            src_i = slice(max(0, si), bone_c.shape[0] + min(0, si))
+            dst_i = slice(max(0, -si), bone_c.shape[0] + min(0, -si))
+            src_j = slice(max(0, sj), bone_c.shape[1] + min(0, sj))
+            dst_j = slice(max(0, -sj), bone_c.shape[1] + min(0, -sj))
+            shifted[dst_i, dst_j, :] = bone_c[src_i, src_j, :]
+            seen |= shifted
+        hits += seen
+    enclosed = dark & (hits >= 13)
+    track = np.full((hu.shape[2], 2), np.nan)
+    canal = np.zeros(hu.shape, bool)
+    mid_i = float(np.mean(np.nonzero(body_c.any(axis=(1, 2)))[0])) if body_c.any() else hu_c.shape[0] / 2
+    for k in range(hu.shape[2]):
+        lab, n = ndimage.label(enclosed[:, :, k])
+        best, best_area = 0, 0.0
+        for idx in range(1, n + 1):
+            blob = lab == idx
+            area = float(blob.sum()) * (spacing * step) ** 2
+            ci = float(np.mean(np.nonzero(blob)[0]))
+            if 60.0 <= area <= 700.0 and abs(ci - mid_i) * spacing * step < 40.0 and area > best_area:
+                best, best_area = idx, area
+        if best:
+            blob = lab == best
+            ci, cj = ndimage.center_of_mass(blob)
+            track[k] = (ci * step, cj * step)
+            up = np.repeat(np.repeat(blob, step, axis=0), step, axis=1)[: hu.shape[0], : hu.shape[1]]
+            canal[: up.shape[0], : up.shape[1], k] = up
+    return track, canal
+
+
 def _fill_track(track: NDArray[np.float64], max_gap_slices: int) -> NDArray[np.float64]:
     out = track.copy()
     valid = np.isfinite(track[:, 0])
@@ -195,6 +247,9 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
         )
     track, canal = _canal_track(hu, bone, body, spacing)
     seen = int(np.isfinite(track[:, 0]).sum())
+    if seen < max(3, int(15.0 / spacing)):
+        track, canal = _enclosed_canal_track(hu, bone, body, spacing)
+        seen = int(np.isfinite(track[:, 0]).sum())
     if seen < max(3, int(15.0 / spacing)):
         raise SegmentationError(
             f"{ct.metadata.get('source', 'image')}: no spinal canal found (a closed bony ring in {seen} slices)"

@@ -114,13 +114,19 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
         confidence = 0.6
         warnings.append("no sacrum in the field of view: levels counted from the last rib-bearing vertebra (T12)")
     else:
-        complete = [i for i, f in enumerate(features) if not f["touches_bottom"]]
-        anchor = complete[-1] if complete else n - 1
-        names = _names_from_anchor(n, anchor, "L5")
+        if rib_flags[-1]:
+            # Every segment carries ribs: all thoracic, the lowest taken as T12 (the commonest FOV).
+            names = _names_from_anchor(n, n - 1, "T12")
+            prior = "rib-bearing vertebrae only, the caudal-most taken as T12"
+        else:
+            complete = [i for i, f in enumerate(features) if not f["touches_bottom"]]
+            anchor = complete[-1] if complete else n - 1
+            names = _names_from_anchor(n, anchor, "L5")
+            prior = "caudal-most complete vertebra = L5"
         confidence = 0.3
         warnings.append(
-            "no sacrum and no ribs in the field of view: levels assigned from a weak prior "
-            "(caudal-most complete vertebra = L5); verify the level names before planning"
+            f"no sacrum and no rib/lumbar transition in the field of view: levels assigned from a weak prior "
+            f"({prior}); verify the level names before planning"
         )
     if any(name == "" for name in names):
         warnings.append("some segments fall outside C1-sacrum with these anchors and are left unnamed")
