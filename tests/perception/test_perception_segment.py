@@ -97,3 +97,12 @@ def test_single_slice_and_unavailable_backend() -> None:
         segment_volume(slab)
     with pytest.raises(SegmentationError, match="learned backend"):
         segment_volume(slab, backend="learned")
+
+
+def test_thin_dicom_series_segments_with_a_weak_name(shared_data: Path) -> None:
+    ct = read_volume(shared_data / "dicom_ct_1mm" / "series")
+    result = segment_volume(ct)
+    assert result.levels, "the T12 in view must be found"
+    # 40 mm of spine, no sacrum, no lumbar transition: the name is a guess and must say so.
+    assert result.level_confidence <= 0.3
+    assert any("weak prior" in w for w in result.warnings)
