@@ -12,9 +12,11 @@ parameters and out-of-range values stop bringup with the reason (exit status 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,6 +118,30 @@ def _factories() -> dict[str, Callable[..., Node]]:
     }
 
 
+def _graph_names(path: Path, config: dict[str, dict[str, Any]], only: Sequence[str]) -> list[str]:
+    names = [n for n in NODE_ORDER if n in config and (not only or n in only)]
+    if not names:
+        raise BringupError(f"{path}: no nodes to start (file names {list(config)}, --only {list(only)})")
+    return names
+
+
+def _write_params(folder: Path, config: dict[str, dict[str, Any]], names: Sequence[str]) -> Path:
+    params_file = folder / "params.yaml"
+    params_file.write_text(yaml.safe_dump({n: {"ros__parameters": config[n]} for n in names}))
+    return params_file
+
+
+def _close_nodes(nodes: Sequence[Node]) -> None:
+    """``close()`` (hold the robot, stop threads, close audit logs) then destroy, in reverse start order."""
+    for node in reversed(nodes):
+        close = getattr(node, "close", None)
+        try:
+            if callable(close):
+                close()
+        finally:
+            node.destroy_node()
+
+
 def run_bringup(config_path: str, overrides: Sequence[str] = (), only: Sequence[str] = ()) -> int:
     """Start the node graph of ``config_path`` and spin until SIGINT/SIGTERM. Returns the exit status."""
     import rclpy
@@ -123,12 +149,9 @@ def run_bringup(config_path: str, overrides: Sequence[str] = (), only: Sequence[
 
     path = find_config(config_path)
     config = load_config(path, overrides)
-    names = [n for n in NODE_ORDER if n in config and (not only or n in only)]
-    if not names:
-        raise BringupError(f"{path}: no nodes to start (file names {list(config)}, --only {list(only)})")
+    names = _graph_names(path, config, only)
     with tempfile.TemporaryDirectory(prefix="needle_steering_bringup_") as tmp:
-        params_file = Path(tmp) / "params.yaml"
-        params_file.write_text(yaml.safe_dump({n: {"ros__parameters": config[n]} for n in names}))
+        params_file = _write_params(Path(tmp), config, names)
         rclpy.init(args=["--ros-args", "--params-file", str(params_file)])
         nodes: list[Node] = []
         try:
@@ -148,16 +171,131 @@ def run_bringup(config_path: str, overrides: Sequence[str] = (), only: Sequence[
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         finally:
-            for node in reversed(nodes):
-                close = getattr(node, "close", None)
-                try:
-                    if callable(close):
-                        close()
-                finally:
-                    node.destroy_node()
+            _close_nodes(nodes)
             if rclpy.ok():
                 rclpy.shutdown()
     return 0
+
+
+class Graph:
+    """The node graph running inside this process (:func:`start_graph`), on its own rclpy context.
+
+    Each node spins on its own ``SingleThreadedExecutor`` in its own thread (see
+    :func:`start_graph` for why); other rclpy nodes of the same process (on another context) talk
+    to them over DDS like any other process would. Use as a context manager or call :meth:`shutdown`.
+    """
+
+    def __init__(self, names: Sequence[str], config_path: Path, domain_id: int | None) -> None:
+        self.names = tuple(names)
+        self.config_path = config_path
+        self.domain_id = domain_id
+        self.nodes: list[Node] = []
+        self._context: Any = None
+        self._executors: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> Graph:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def node(self, name: str) -> Node:
+        """The running node called ``name``."""
+        for node in self.nodes:
+            if node.get_name() == name:
+                return node
+        raise KeyError(f"node {name!r} is not running; running: {[n.get_name() for n in self.nodes]}")
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop spinning, close and destroy every node, shut the context down (idempotent)."""
+        for executor in self._executors:
+            executor.shutdown(timeout_sec=timeout_s)
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
+        self._executors, self._threads = [], []
+        try:
+            _close_nodes(self.nodes)
+        finally:
+            self.nodes = []
+            if self._context is not None and self._context.ok():
+                self._context.shutdown()
+            self._context = None
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
+
+
+def start_graph(
+    config_path: str,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] = (),
+    domain_id: int | None = None,
+    log_level: str = "",
+) -> Graph:
+    """Start the node graph of ``config_path`` in this process, each node spinning in a background thread.
+
+    Same parameter file, overrides and checks as ``needle-steering bringup`` (a bad file raises
+    :class:`BringupError` before any node starts); the nodes get their own rclpy context (with
+    ``domain_id`` when given, else ``ROS_DOMAIN_ID``), so a client node on another context reaches
+    them only through DDS. ``log_level`` (e.g. ``"warn"``) sets the nodes' logger level.
+
+    Every node gets its own ``SingleThreadedExecutor`` (as if each were its own process, minus the
+    GIL): with one ``MultiThreadedExecutor`` for the whole graph, a node whose mutually exclusive
+    callback group is busy keeps its ready subscriptions in the wait set, the dispatcher spins on
+    them, and a 50 Hz timer that takes a good part of its period can starve that node's
+    subscriptions (measured: control_node's tracker callbacks delayed > 1 s on 2 loaded cores).
+
+    Returns:
+        The running :class:`Graph` (call :meth:`Graph.shutdown`).
+    """
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    path = find_config(config_path)
+    config = load_config(path, overrides)
+    names = _graph_names(path, config, only)
+    graph = Graph(names, path, domain_id)
+    graph._tmp = tempfile.TemporaryDirectory(prefix="needle_steering_graph_")
+    try:
+        params_file = _write_params(Path(graph._tmp.name), config, names)
+        context = Context()
+        args = ["--ros-args", "--params-file", str(params_file)]
+        if log_level:
+            args += ["--log-level", log_level]
+        rclpy.init(
+            args=args,
+            context=context,
+            domain_id=domain_id,
+            signal_handler_options=SignalHandlerOptions.NO,  # the caller owns SIGINT (KeyboardInterrupt)
+        )
+        graph._context = context
+        factories = _factories()
+        for name in names:
+            graph.nodes.append(factories[name](context=context))
+        for node in graph.nodes:
+            executor = SingleThreadedExecutor(context=context)
+            executor.add_node(node)
+            thread = threading.Thread(
+                target=_spin_quietly, args=(executor,), name=f"graph-{node.get_name()}", daemon=True
+            )
+            graph._executors.append(executor)
+            graph._threads.append(thread)
+            thread.start()
+    except BaseException:
+        graph.shutdown()
+        raise
+    return graph
+
+
+def _spin_quietly(executor: Any) -> None:
+    from rclpy.executors import ExternalShutdownException
+
+    with contextlib.suppress(ExternalShutdownException):
+        executor.spin()
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,9 +12,13 @@ adapter                          core API it calls
 :func:`read_image`              ``perception.io.read_volume(path)``
 :func:`generate_phantom_patient` ``sim.phantom.generate_phantom(PhantomConfig(...))``
 :func:`segment`                 ``perception.segment.segment_volume(volume, backend, device, modality)``
-:func:`plan_case`               ``planning.plan_case(...)``
+:func:`plan_case`               ``planning.plan_case(ct, labels, levels, biopsy_target_lps_mm, steerable,
+                                options=PlanOptions(...))`` (``options_json`` mapped by
+                                :func:`plan_options_from_json`)
 :func:`recheck_trajectory`      ``planning.recheck_trajectory(plan, trajectory_id, entry_lps_mm, ...)``
-:func:`make_twin_backend`       ``sim.twin`` (PyBullet) when it lands; now the needle-model twin
+:func:`make_twin_backend`       ``sim.twin.Twin`` through ``nodes.twin_pybullet.PyBulletTwinBackend``
+                                (``backend: pybullet``) or the needle-model twin (``kinematic``)
+:func:`twin_anatomy_labels`     the phantom's ground-truth label map, or a label-map file
 ==============================  ==========================================================
 """
 
@@ -30,6 +34,7 @@ from needle_steering.errors import NeedleSteeringError
 
 if TYPE_CHECKING:
     from needle_steering.nodes.twin import TwinBackend, TwinConfig
+    from needle_steering.nodes.twin_pybullet import ArmSceneConfig
     from needle_steering.perception.volume import Volume
     from needle_steering.planning.plan_document import PlanDocument
 
@@ -127,6 +132,56 @@ def segment(volume: Volume, backend: str, device: str, modality: str) -> Segment
     return Segmentation(result.labels, levels, str(getattr(result, "backend", backend)))
 
 
+#: ``options_json`` keys passed to ``planning.PlanOptions`` as they are (besides ``pedicle`` / ``biopsy``).
+_PLAN_OPTION_SCALARS = (
+    "steerable_kappa_max_per_mm",
+    "steerable_clearance_mm",
+    "steerable_diameter_mm",
+    "steerable_seed",
+    "hash_images",
+)
+
+
+def plan_options_from_json(options: Mapping[str, Any]) -> tuple[bool, Any]:
+    """``(steerable, planning.PlanOptions)`` from the planning node's ``options_json`` object.
+
+    Keys: ``steerable`` (bool), ``pedicle`` / ``biopsy`` (objects with ``PedicleOptions`` /
+    ``BiopsyOptions`` fields; lists become tuples) and the scalar ``PlanOptions`` fields
+    (:data:`_PLAN_OPTION_SCALARS`).
+
+    Raises:
+        PlanningError: unknown keys or values the planner's option classes refuse (their reason).
+    """
+    from needle_steering.errors import PlanningError
+
+    opts_cls = _core("needle_steering.planning", "PlanOptions")
+    pedicle_cls = _core("needle_steering.planning", "PedicleOptions")
+    biopsy_cls = _core("needle_steering.planning", "BiopsyOptions")
+    known = {"steerable", "pedicle", "biopsy", *_PLAN_OPTION_SCALARS}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise PlanningError(f"options_json: unknown keys {unknown}; known: {sorted(known)}")
+    steerable = options.get("steerable", False)
+    if not isinstance(steerable, bool):
+        raise PlanningError(f"options_json: 'steerable' must be a bool, got {steerable!r}")
+    kwargs: dict[str, Any] = {k: options[k] for k in _PLAN_OPTION_SCALARS if k in options}
+    for key, cls in (("pedicle", pedicle_cls), ("biopsy", biopsy_cls)):
+        if key not in options:
+            continue
+        sub = options[key]
+        if not isinstance(sub, Mapping):
+            raise PlanningError(f"options_json: {key!r} must be an object, got {sub!r}")
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+        try:
+            kwargs[key] = cls(**fields)
+        except TypeError as exc:
+            raise PlanningError(f"options_json: {key}: {exc}") from None
+    try:
+        return steerable, opts_cls(**kwargs)
+    except TypeError as exc:
+        raise PlanningError(f"options_json: {exc}") from None
+
+
 def plan_case(
     ct: Volume,
     labels: Volume,
@@ -134,9 +189,14 @@ def plan_case(
     biopsy_target_lps_mm: Sequence[float] | None,
     options: Mapping[str, Any],
 ) -> PlanDocument:
-    """Plan screws for ``levels`` and an optional biopsy (``planning.plan_case``)."""
+    """Plan screws for ``levels`` and an optional biopsy (``planning.plan_case``).
+
+    The returned plan document carries the planner's skipped trajectories with their reasons
+    (``PlanDocument.skipped``).
+    """
     plan = _core("needle_steering.planning", "plan_case")
-    result = plan(ct=ct, labels=labels, levels=list(levels), biopsy_target_lps_mm=biopsy_target_lps_mm, **dict(options))
+    steerable, plan_options = plan_options_from_json(options)
+    result = plan(ct, labels, list(levels), biopsy_target_lps_mm, steerable, plan_options)
     return _as_plan_document(result, "planning.plan_case")
 
 
@@ -164,20 +224,72 @@ def recheck_trajectory(
 def _as_plan_document(result: Any, where: str) -> PlanDocument:
     from needle_steering.planning.plan_document import PlanDocument
 
-    plan = getattr(result, "plan", result)
+    plan = getattr(result, "plan_document", getattr(result, "plan", result))
     if not isinstance(plan, PlanDocument):
         raise CoreUnavailableError(f"{where} returned {type(result).__name__}, expected a PlanDocument")
     return plan
 
 
-def make_twin_backend(config: TwinConfig) -> TwinBackend:
-    """The simulator behind ``sim_node``: the needle-model twin until ``sim.twin`` (PyBullet) lands."""
-    from needle_steering.nodes.twin import NeedleModelTwin
+#: Values of ``sim_node.backend``.
+TWIN_BACKENDS = ("pybullet", "kinematic")
 
-    return NeedleModelTwin(config)
+
+def twin_anatomy_labels(source: str, phantom_seed: int, phantom_levels: str, phantom_spacing_mm: float) -> Volume:
+    """The label map the twin turns into collision bodies.
+
+    Args:
+        source: ``"phantom"`` (the generated phantom patient's ground truth, the same patient the
+            other nodes use with an empty ``image_path``) or a label-map file (LPS mm grid).
+        phantom_seed, phantom_levels, phantom_spacing_mm: The phantom patient.
+    """
+    if source == "phantom":
+        labels = generate_phantom_patient(phantom_seed, phantom_levels, phantom_spacing_mm).labels
+        if labels is None:  # pragma: no cover - the phantom always carries its ground truth
+            raise CoreUnavailableError("the phantom patient has no label map")
+        return labels
+    return read_image(source, "labels").ct
+
+
+def make_twin_backend(
+    config: TwinConfig,
+    backend: str = "kinematic",
+    scene: ArmSceneConfig | None = None,
+    load_labels: Callable[[], Volume] | None = None,
+) -> TwinBackend:
+    """The simulator behind ``sim_node``.
+
+    Args:
+        config: Needle, tracker and guide settings (both backends).
+        backend: ``"pybullet"``: :class:`~needle_steering.nodes.twin_pybullet.PyBulletTwinBackend` on
+            ``sim.twin.Twin`` (KUKA iiwa, IK, anatomy collision bodies); ``"kinematic"``: the
+            needle-model twin (ideal guide, no arm, no anatomy).
+        scene: Placement and anatomy settings of the PyBullet backend (defaults when ``None``).
+        load_labels: Returns the patient's label map for the PyBullet backend (``None``: no anatomy).
+
+    Raises:
+        CoreUnavailableError: PyBullet (``sim.twin``) cannot be imported.
+        ValueError: unknown backend.
+    """
+    if backend == "kinematic":
+        from needle_steering.nodes.twin import NeedleModelTwin
+
+        return NeedleModelTwin(config)
+    if backend == "pybullet":
+        _core("needle_steering.sim.twin", "Twin")
+        try:
+            from needle_steering.sim.twin._pybullet import import_pybullet
+
+            import_pybullet()
+        except ImportError as exc:
+            raise CoreUnavailableError(f"pybullet is not available for the PyBullet twin ({exc})") from None
+        from needle_steering.nodes.twin_pybullet import ArmSceneConfig, PyBulletTwinBackend
+
+        return PyBulletTwinBackend(config, scene or ArmSceneConfig(), load_labels)
+    raise ValueError(f"unknown twin backend {backend!r}; choose one of {list(TWIN_BACKENDS)}")
 
 
 __all__ = [
+    "TWIN_BACKENDS",
     "CoreUnavailableError",
     "Patient",
     "Segmentation",
@@ -185,9 +297,11 @@ __all__ = [
     "load_patient",
     "make_twin_backend",
     "plan_case",
+    "plan_options_from_json",
     "read_image",
     "recheck_trajectory",
     "require_planner",
     "require_segmentation",
     "segment",
+    "twin_anatomy_labels",
 ]

@@ -172,6 +172,7 @@ CONTROL_ESTOP = "/control/estop"
 CONTROL_TIP = "/control/tip_estimate"
 CONTROL_STATUS_MARKER = "/control/status_marker"
 SIM_FAULT = "/sim/fault"
+SIM_STATE = "/sim/state"
 
 _PHANTOM_PARAMS: Final = (
     Param(
@@ -549,6 +550,79 @@ SIM = NodeInterface(
             array_lengths=(3,),
         ),
         Param("seed", "integer", 0, "seed of the sensor noise", 0, 2**31 - 1),
+        Param(
+            "backend",
+            "string",
+            "pybullet",
+            "simulator: pybullet (KUKA iiwa aligns the guide by IK, anatomy collision bodies) or kinematic "
+            "(ideal guide, no arm, no anatomy)",
+            choices=("pybullet", "kinematic"),
+        ),
+        Param(
+            "anatomy",
+            "string",
+            "phantom",
+            "pybullet: label map loaded as collision bodies: phantom (ground truth of the phantom patient), "
+            "none, or a label-map file (LPS grid)",
+        ),
+        Param(
+            "phantom_seed",
+            "integer",
+            7,
+            "pybullet, anatomy phantom: seed of the phantom patient (as the other nodes)",
+            0,
+            2**31 - 1,
+        ),
+        Param("phantom_levels", "string", "T12-L5", "pybullet, anatomy phantom: vertebral levels (e.g. T12-L5)"),
+        Param(
+            "phantom_spacing_mm", "double", 1.0, "pybullet, anatomy phantom: isotropic voxel size (mm)", 0.5, 3.0
+        ),
+        Param(
+            "patient_anchor_lps_mm",
+            "double_array",
+            [0.0, 0.0, -320.0],
+            "pybullet: patient point (LPS mm) placed at the arm's workspace anchor (0.60, 0, 0.25) m, patient "
+            "prone (default: about the centre of the default phantom's L1-L5); this placement is the published "
+            "registration (robot_base_in_patient_mm / robot_base_yaw_deg / home_tip_lps_mm: kinematic backend only)",
+            -5000.0,
+            5000.0,
+            array_lengths=(3,),
+        ),
+        Param(
+            "patient_yaw_deg",
+            "double",
+            0.0,
+            "pybullet: prone patient turned about the vertical through the anchor: 0 the arm beside the table at "
+            "the patient's left, 90 the arm at the head end (reaches lateral approaches from both sides) (deg)",
+            -180.0,
+            180.0,
+        ),
+        Param(
+            "guide_standoff_mm",
+            "double",
+            20.0,
+            "pybullet: guide exit held this far behind the commanded tip (needle tip at zero insertion) (mm)",
+            0.0,
+            200.0,
+        ),
+        Param(
+            "approach_mm",
+            "double",
+            60.0,
+            "pybullet: the guide backs out / approaches this far along its axis when a direct path collides (mm)",
+            0.0,
+            300.0,
+        ),
+        Param("max_joint_speed_rad_s", "double", 1.0, "pybullet: arm joint speed limit (rad/s)", 0.05, 5.0),
+        Param(
+            "contact_rate_hz",
+            "double",
+            20.0,
+            "pybullet: rate of the needle-vs-critical-structure clearance check (Hz)",
+            1.0,
+            200.0,
+        ),
+        Param("state_rate_hz", "double", 10.0, "rate of /sim/state (Hz)", 0.5, 100.0),
     ),
     topics=(
         Topic(
@@ -579,7 +653,7 @@ SIM = NodeInterface(
             "geometry_msgs/msg/PoseStamped",
             "pub",
             "sensor",
-            "needle tip from robot kinematics (CRTK)",
+            "needle tip from the guide kinematics and the insertion stage (CRTK; the twins report their true tip)",
             "robot_base",
         ),
         Topic(
@@ -587,7 +661,8 @@ SIM = NodeInterface(
             "sensor_msgs/msg/JointState",
             "pub",
             "sensor",
-            "joints insertion (m), roll (rad) with velocities (CRTK)",
+            "joints insertion (m), roll (rad), then the arm's lbr_iiwa_joint_1..7 (rad; pybullet), with "
+            "velocities (CRTK)",
         ),
         Topic(
             f"{ROBOT_NS}/operating_state",
@@ -626,6 +701,16 @@ SIM = NodeInterface(
             "sub",
             "command",
             'fault injection JSON {"tracker_dropout": bool, "tracker_frozen": bool}',
+        ),
+        Topic(
+            SIM_STATE,
+            "std_msgs/msg/String",
+            "pub",
+            "status",
+            'JSON {"backend", "anatomy", "anatomy_loaded", "busy", "needle_critical_clearance_mm", '
+            '"insertion_index", "insertion_depth_mm", "insertion_deepest_tip_lps_mm", '
+            '"insertion_min_critical_clearance_mm", "critical_contacts", "last_move": {"ok", "reason", ...}, ...} '
+            "(simulation ground truth for displays, tests and recordings; the controller never reads it)",
         ),
     ),
 )

@@ -25,7 +25,11 @@ import numpy as np
 from needle_steering.perception.labels import STANDARD_ORDER, level_id
 
 #: Minimum bone beside a vertebra (ml) that counts as a rib pair.
-RIB_EVIDENCE_ML = 3.0
+RIB_EVIDENCE_ML = 1.5
+#: A caudal segment this much larger than the typical vertebra is taken as the sacrum.
+SACRUM_VOLUME_RATIO = 1.6
+#: Above this ratio the caudal segment is more likely L5 and the sacrum merged (unresolved disc).
+MERGED_VOLUME_RATIO = 2.0
 
 
 @dataclass
@@ -42,13 +46,12 @@ class LevelAssignment:
         return [level_id(n) for n in self.names]
 
 
-def _is_sacrum(features: list[dict[str, Any]]) -> bool:
-    if len(features) < 2:
-        return False
-    last = features[-1]
+def _sacrum_ratio(features: list[dict[str, Any]]) -> float:
+    """Volume of the caudal segment over the typical (median) complete vertebra above it."""
+    if len(features) < 3:
+        return 0.0
     others = [f["volume_ml"] for f in features[:-1] if not f["touches_top"]] or [features[-2]["volume_ml"]]
-    typical = float(np.median(others))
-    return bool(last["volume_ml"] > 1.6 * typical or last["width_mm"] > 95.0)
+    return float(features[-1]["volume_ml"] / max(float(np.median(others)), 1e-6))
 
 
 def _names_from_anchor(n: int, anchor_index: int, anchor_name: str) -> list[str]:
@@ -74,7 +77,8 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
         return LevelAssignment([], 0.0, warnings=["no vertebra found"])
     anchors: list[str] = []
     warnings: list[str] = []
-    sacrum = _is_sacrum(features)
+    ratio = _sacrum_ratio(features)
+    sacrum = ratio > SACRUM_VOLUME_RATIO
     rib_flags = [f["rib_bone_ml"] >= RIB_EVIDENCE_ML for f in features]
     # Ribs only count above the lowest four mobile segments when a sacrum is present (iliac crest).
     usable_rib = list(rib_flags)
@@ -84,9 +88,12 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
     # Ribs form a run from the cranial end; a run that starts lower down is the iliac crest (or
     # a rib-like artefact) and does not anchor anything. A run covering every segment is ambiguous.
     last_rib: int | None = None
+    evidence = [f["rib_bone_ml"] for f in features]
     if usable_rib and usable_rib[0]:
         run_end = 0
-        while run_end + 1 < n and usable_rib[run_end + 1]:
+        # The lowest ribs slope caudally into the slices of the next vertebra: a much weaker
+        # signal right below a rib-bearing level is that spill-over, not a rib pair of its own.
+        while run_end + 1 < n and usable_rib[run_end + 1] and evidence[run_end + 1] >= 0.6 * evidence[run_end]:
             run_end += 1
         if run_end < n - 1:
             last_rib = run_end
@@ -100,11 +107,18 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
             anchors.append("ribs")
             if rib_names == names:
                 confidence = 0.95
+            elif ratio > MERGED_VOLUME_RATIO:
+                confidence = 0.4
+                warnings.append(
+                    f"anchors disagree and the caudal segment is {ratio:.1f}x a typical vertebra (L5 and sacrum "
+                    f"merged?): named from the last rib-bearing vertebra (T12); verify every level"
+                )
+                names = rib_names
             else:
-                confidence = 0.5
+                confidence = 0.4
                 warnings.append(
                     f"anchors disagree: the sacrum makes segment {last_rib + 1} {names[last_rib]}, the last rib "
-                    f"makes it T12 (transitional anatomy such as L6 or T13?); kept the sacrum's naming"
+                    f"makes it T12 (transitional anatomy such as L6 or T13?); kept the sacrum's naming; verify"
                 )
         else:
             warnings.append("levels counted from the sacrum alone (no rib-bearing vertebra seen): verify L5/S1")
