@@ -27,6 +27,7 @@ from needle_steering.planning.plan_document import (
     save_plan,
     volume_sha256,
 )
+from needle_steering.planning.recheck import recheck_trajectory
 from needle_steering.planning.report import write_report
 from needle_steering.planning.steerable import (
     FieldObstacles,
@@ -61,6 +62,7 @@ __all__ = [
     "plan_biopsy",
     "plan_case",
     "plan_pedicle_screws",
+    "recheck_trajectory",
     "save_plan",
     "volume_sha256",
     "write_report",
