@@ -340,6 +340,7 @@ def _lazy_subcommand(module: str, function: str) -> Callable[[Any], None]:
 _EXTRA_SUBCOMMANDS: list[Callable[[Any], None]] = [
     _lazy_subcommand("needle_steering.nodes.bringup", "add_bringup_subcommand"),
     _lazy_subcommand("needle_steering.sim.regress", "add_regress_subcommand"),
+    _lazy_subcommand("needle_steering.perception.training", "add_train_seg_subcommand"),
 ]
 
 

@@ -219,19 +219,32 @@ def _fill_track(track: NDArray[np.float64], max_gap_slices: int) -> NDArray[np.f
     return out
 
 
-def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | None = None) -> SpineSegments:
+def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | None = None, *,
+                  spine_bone: NDArray[np.bool_] | None = None,
+                  disc: NDArray[np.bool_] | None = None) -> SpineSegments:
     """Separate the vertebrae of ``ct`` (unnamed segments, cranial to caudal).
 
     Args:
         ct: CT (HU) or CBCT.
         modality: ``"ct"`` or ``"cbct"``.
         work_spacing_mm: Isotropic working spacing (default: the finest input spacing, at least 1 mm).
+        spine_bone: Optional precomputed vertebral-bone mask (bool, shape of the working grid
+            ``to_lps_grid(ct, work_spacing_mm)``), e.g. from the learned backend. It replaces the
+            thresholded bone for canal tracking and body separation; the thresholded bone is still
+            used for the rib evidence of level naming.
+        disc: Optional intervertebral-disc mask on the same grid: removed from
+            the vertebral-body column so that it places the cuts between bodies.
 
     Raises:
-        SegmentationError: No body, no bone, or no spinal canal found.
+        SegmentationError: No body, no bone, no spinal canal found, or a mask of the wrong shape.
     """
     spacing = float(work_spacing_mm or max(1.0, float(np.min(ct.spacing_mm))))
     work = to_lps_grid(ct, spacing, default=-1024.0)
+    for name, mask in (("spine_bone", spine_bone), ("disc", disc)):
+        if mask is not None and tuple(np.shape(mask)) != work.shape:
+            raise SegmentationError(
+                f"{name} mask has shape {tuple(np.shape(mask))}, the {spacing:g} mm working grid is {work.shape}"
+            )
     hu = work.array.astype(np.float32)
     if modality == "cbct":
         hu = ndimage.median_filter(hu, size=3)
@@ -239,10 +252,12 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     if body.sum() * spacing**3 < 50_000:
         raise SegmentationError(f"{ct.metadata.get('source', 'image')}: no patient body found (HU > -300)")
     threshold = bone_threshold(hu, body, modality, spacing)
-    bone = (hu > threshold) & body
+    thresholded = (hu > threshold) & body
+    bone = thresholded if spine_bone is None else np.asarray(spine_bone, bool)
     if bone.sum() * spacing**3 < 20_000:
         raise SegmentationError(
-            f"{ct.metadata.get('source', 'image')}: no bone found above {threshold:.0f} HU "
+            f"{ct.metadata.get('source', 'image')}: no bone found "
+            f"{'by the learned mask' if spine_bone is not None else f'above {threshold:.0f} HU'} "
             f"({bone.sum() * spacing**3 / 1000:.1f} ml)"
         )
     track, canal = _canal_track(hu, bone, body, spacing)
@@ -260,9 +275,15 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     else:
         dense = float(np.percentile(hu[bone], 90))
         rim_hu = threshold + 0.5 * (dense - threshold)
-    segments, disc_k, warnings, body_k = _split_vertebrae(hu, bone, canal, track, spacing, rim_hu=rim_hu)
+    segments, disc_k, warnings, body_k = _split_vertebrae(
+        hu, bone, canal, track, spacing, rim_hu=rim_hu,
+        disc=None if disc is None else np.asarray(disc, bool), peel=spine_bone is None,
+    )
     result = SpineSegments(work, segments, canal, track, disc_k, warnings=warnings)
-    result.features = _features(result, hu, bone, body_k)
+    # With a precomputed (tighter) spine mask, thresholded bone hugging the vertebrae (partial volume,
+    # process tips) is not rib evidence: exclude a 4 mm shell around the spine.
+    result.features = _features(result, hu, thresholded, body_k,
+                                spine_margin_vox=0 if spine_bone is None else max(1, round(4.0 / spacing)))
     return result
 
 
@@ -282,6 +303,7 @@ def _spine_roi(shape: tuple[int, ...], track: NDArray[np.float64], spacing: floa
 
 def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.bool_],
                      track: NDArray[np.float64], spacing: float, *, rim_hu: float,
+                     disc: NDArray[np.bool_] | None = None, peel: bool = True,
                      ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]]]:
     from skimage.segmentation import watershed
 
@@ -314,6 +336,8 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # (and their partial-volume rims) separate it into one 3-D component per body.
     body_roi = _spine_roi(bone.shape, track, spacing, lateral_mm=20.0, anterior_mm=50.0, posterior_mm=-9.0)
     column = spine_bone & body_roi
+    if disc is not None:
+        column &= ~disc
     eroded = ndimage.binary_erosion(column, iterations=max(1, round(2.0 / spacing)))
     lab, _ = ndimage.label(eroded)
     min_ml = 2.0
@@ -373,7 +397,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # (facet joints, touching spinous processes) rather than through thick bone.
     distance = ndimage.distance_transform_edt(spine_bone, sampling=[spacing] * 3)
     segments = watershed(-distance, markers=markers, mask=spine_bone).astype(np.int32)
-    if spacing <= 1.6:
+    if spacing <= 1.6 and peel:
         # The threshold that keeps thin cortex connected puts the surface ~half a voxel outside the
         # bone (partial volume): peel the outer rim where it is darker than the cortex mid-level.
         for _ in range(2):
@@ -390,13 +414,15 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
 
 
 def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
-              body_k: list[tuple[int, int]]) -> list[dict[str, Any]]:
+              body_k: list[tuple[int, int]], spine_margin_vox: int = 0) -> list[dict[str, Any]]:
     """Per segment: volume, height, body width, rib evidence, position."""
     spacing = float(result.work.spacing_mm[0])
     seg = result.segments
     n = int(seg.max())
     feats: list[dict[str, Any]] = []
     spine_any = seg > 0
+    if spine_margin_vox:
+        spine_any = ndimage.binary_dilation(spine_any, iterations=spine_margin_vox)
     for s in range(1, n + 1):
         mask = seg == s
         ks = np.nonzero(mask.any(axis=(0, 1)))[0]

@@ -1,8 +1,11 @@
 """Vertebra segmentation entry point: ``segment_volume`` and the ``segment`` command.
 
 Backends: ``classical`` (:mod:`needle_steering.perception.classical` + level naming in
-:mod:`needle_steering.perception.levels`). ``learned`` (a MONAI network) is not shipped yet:
-asking for it raises a clear error, and ``auto`` says in the result which backend ran.
+:mod:`needle_steering.perception.levels`) and ``learned`` (:mod:`needle_steering.perception.learned`:
+a MONAI U-Net's vertebral-bone and disc masks replace the thresholded bone; canal tracking, body
+separation, watershed and naming are shared with the classical backend). ``auto`` runs the learned
+backend when its weights load and their description (``vertebra_seg.json``) marks them
+``"auto": true``, else the classical one, and says which in the result's warnings.
 """
 
 from __future__ import annotations
@@ -82,19 +85,32 @@ def check_ct_like(volume: Volume, modality: str) -> None:
         raise SegmentationError(f"{source}: no bone: 99.9th percentile {hi:.0f} is below 300 HU")
 
 
+def _min_extent_for_network(volume: Volume, spacing_mm: float) -> None:
+    """The learned backend needs at least 3 voxels of its grid along every axis."""
+    lo, hi = volume.extent_lps_mm()
+    span = hi - lo
+    if float(span.min()) < 2 * spacing_mm:
+        raise SegmentationError(
+            f"learned backend: the image spans only {float(span.min()):.1f} mm along one axis "
+            f"(extent {np.round(span, 1).tolist()} mm); the network needs at least {2 * spacing_mm:g} mm"
+        )
+
+
 def segment_volume(
     volume: Volume,
     backend: Backend = "auto",
     device: Device = "auto",
     modality: Modality = "ct",
+    weights: str | None = None,
 ) -> SegmentationResult:
     """Segment and name the vertebrae of a CT or CBCT.
 
     Args:
         volume: The image (any orientation; LPS geometry).
         backend: ``classical``, ``learned`` or ``auto`` (learned when its weights are shipped, else classical).
-        device: ``cpu``, ``cuda`` or ``auto`` (used by the learned backend).
+        device: ``cpu``, ``cuda`` or ``auto`` (used by the learned backend; ``auto`` = CUDA when available).
         modality: ``ct`` (calibrated HU) or ``cbct``.
+        weights: Learned-backend weights (``.pt`` with its ``.json`` beside it); default: the shipped ones.
 
     Returns:
         :class:`SegmentationResult` with the label map on the input grid.
@@ -111,13 +127,45 @@ def segment_volume(
         raise SegmentationError(f"modality must be 'ct' or 'cbct', got {modality!r}")
     if backend not in ("auto", "classical", "learned"):
         raise SegmentationError(f"backend must be auto, classical or learned, got {backend!r}")
-    if backend == "learned":
-        raise SegmentationError("the learned backend has no shipped weights yet; use --backend classical")
-    if device == "cuda":
-        raise SegmentationError("the classical backend runs on the CPU; --device cuda needs the learned backend")
-    check_ct_like(volume, modality)
+    if device not in ("auto", "cpu", "cuda"):
+        raise SegmentationError(f"device must be auto, cpu or cuda, got {device!r}")
     start = time.perf_counter()
-    spine = segment_spine(volume, modality=modality)
+    pre_warnings: list[str] = []
+    model = None
+    if backend in ("learned", "auto"):
+        from needle_steering.perception.learned import load_model
+
+        try:
+            model = load_model(weights, device=device)
+        except SegmentationError as exc:
+            if backend == "learned":
+                raise
+            pre_warnings.append(f"auto backend: learned weights unavailable ({exc}); ran the classical backend")
+        if model is not None and backend == "auto" and not model.config.get("auto", False):
+            pre_warnings.append(
+                "auto backend: ran the classical backend (the shipped learned weights are not enabled for auto; "
+                "see needle_steering/models/MODEL_CARD.md)"
+            )
+            model = None
+        elif model is not None and backend == "auto":
+            pre_warnings.append(f"auto backend: ran the learned backend ({model.path.name})")
+    if model is None and device == "cuda":
+        raise SegmentationError("the classical backend runs on the CPU; --device cuda needs the learned backend")
+    if model is not None:
+        _min_extent_for_network(volume, float(model.config.get("spacing_mm", 2.0)))
+    check_ct_like(volume, modality)
+    if model is not None:
+        from needle_steering.perception.learned import CLASS_BONE, CLASS_DISC, predict_classes
+
+        prediction = predict_classes(volume, model, modality=modality)
+        spine = segment_spine(
+            volume, modality=modality, work_spacing_mm=float(prediction.work.spacing_mm[0]),
+            spine_bone=prediction.classes == CLASS_BONE, disc=prediction.classes == CLASS_DISC,
+        )
+        ran, ran_device = "learned", prediction.device
+    else:
+        spine = segment_spine(volume, modality=modality)
+        ran, ran_device = "classical", "cpu"
     naming = assign_levels(spine.features)
     lut = np.zeros(int(spine.segments.max()) + 1, np.uint8)
     for index, name in enumerate(naming.names, start=1):
@@ -133,14 +181,12 @@ def segment_volume(
         count = int((labels.array == level_id(name)).sum())
         if count:
             levels[name] = {"id": level_id(name), "voxels": count, "volume_ml": round(count * voxel_ml, 2)}
-    warnings = [*spine.warnings, *naming.warnings]
-    if backend == "auto":
-        warnings.insert(0, "auto backend: no learned weights shipped, ran the classical backend")
+    warnings = [*pre_warnings, *spine.warnings, *naming.warnings]
     return SegmentationResult(
         labels=labels,
         levels=levels,
-        backend="classical",
-        device="cpu",
+        backend=ran,
+        device=ran_device,
         seconds=time.perf_counter() - start,
         level_confidence=naming.confidence,
         anchors=naming.anchors,
