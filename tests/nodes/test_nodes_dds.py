@@ -220,6 +220,11 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[User, Path
         "needle_steering.nodes.bringup",
         "--config",
         str(REPO / "config" / "sim.yaml"),
+        # The needle-model twin: these tests are about the gate, approvals and stops. The PyBullet
+        # twin (whose anatomy meshing runs for ~20 s beside the graph) is exercised over DDS in
+        # test_nodes_twin_pybullet.py and in the end-to-end demo test.
+        "--set",
+        "sim_node.backend=kinematic",
         "--set",
         f"plan_review_node.audit_log={folder / 'review.jsonl'}",
         "--set",
