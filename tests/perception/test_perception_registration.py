@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -386,17 +387,17 @@ def test_register_files_returns_json_and_writes_nothing(real_ct: tuple[Volume, V
 
 
 # --------------------------------------------------------------------------------------------------
-# Phantom (once needle_steering.sim.phantom exists)
+# Phantom
 # --------------------------------------------------------------------------------------------------
 def test_phantom_ct_cbct_pair_random_rigid_motion() -> None:
     """The phantom's CT and CBCT of one seeded patient (CBCT: streaks, cupping, rim, blur, noise,
     grey-value offset, cylindrical field of view), the CBCT moved by a known random rigid motion."""
-    phantom_mod = pytest.importorskip("needle_steering.sim.phantom")
-    if not hasattr(phantom_mod, "generate_phantom"):
-        pytest.skip("needle_steering.sim.phantom.generate_phantom is not written yet")
+    from needle_steering.sim import phantom as phantom_mod
+
     seed = 5
     levels = ["L1", "L2"]
-    common = {"seed": seed, "spacing_mm": 1.0, "levels": tuple(levels), "fov_mm": (200.0, 200.0), "table": False}
+    common: dict[str, Any] = {"seed": seed, "spacing_mm": 1.0, "levels": tuple(levels), "fov_mm": (200.0, 200.0),
+                              "table": False}
     ct_ph = phantom_mod.generate_phantom(phantom_mod.PhantomConfig(modality="ct", **common))
     cb_ph = phantom_mod.generate_phantom(phantom_mod.PhantomConfig(modality="cbct", **common))
     labels = ct_ph.labels
