@@ -132,6 +132,21 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train-seg ------------------------------------------------------------------------------------
+def _cmd_train_seg(args: argparse.Namespace) -> int:
+    # perception may not import sim: the command line joins the phantom generator to the trainer.
+    from needle_steering.perception.training import phantom_sample_provider, train_segmentation
+    from needle_steering.sim.phantom import PhantomConfig, generate_phantom
+
+    config = train_segmentation(
+        args.out, seed=args.seed, epochs=args.epochs, samples=args.samples, threads=args.threads,
+        progress=not args.no_progress, provider=phantom_sample_provider(generate_phantom, PhantomConfig),
+        time_budget_s=args.time_budget * 60.0 if args.time_budget else None, log=print,
+    )
+    print(json.dumps(config["training"], indent=2))
+    return 0
+
+
 # --- register -----------------------------------------------------------------------------------
 def _cmd_register(args: argparse.Namespace) -> int:
     import tempfile
@@ -288,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_segment)
 
+    p = sub.add_parser("train-seg", help="train the learned vertebra segmenter on synthetic phantoms")
+    p.add_argument("--out", required=True, help="output folder (vertebra_seg.pt, vertebra_seg.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--samples", type=int, default=32, help="phantoms generated for training")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="stop after MIN minutes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_train_seg)
+
     p = sub.add_parser("register", help="rigid per-vertebra registration of a CBCT to the pre-operative CT")
     p.add_argument("--fixed", required=True, help="pre-operative CT (file or DICOM folder)")
     p.add_argument("--moving", required=True, help="intra-operative CBCT (file or DICOM folder)")
@@ -340,7 +365,6 @@ def _lazy_subcommand(module: str, function: str) -> Callable[[Any], None]:
 _EXTRA_SUBCOMMANDS: list[Callable[[Any], None]] = [
     _lazy_subcommand("needle_steering.nodes.bringup", "add_bringup_subcommand"),
     _lazy_subcommand("needle_steering.sim.regress", "add_regress_subcommand"),
-    _lazy_subcommand("needle_steering.perception.training", "add_train_seg_subcommand"),
 ]
 
 

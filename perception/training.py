@@ -3,7 +3,7 @@
 The library function :func:`train_segmentation` takes a *sample provider*: a callable
 ``provider(seed) -> (image, labels, modality)`` returning one training volume (any grid; resampled
 here to 2 mm) with its label map (VerSe ids, disc 105). perception never imports ``sim``: the
-``train-seg`` command (:func:`add_train_seg_subcommand`, CLI glue) builds the provider from the
+``train-seg`` command (in ``needle_steering.cli``, which may import every layer) builds the provider from the
 synthetic phantom generator (:func:`phantom_sample_provider`).
 
 Deterministic: ``torch.manual_seed(seed)``, one ``numpy.random.Generator(seed)`` for the sample
@@ -12,7 +12,6 @@ configurations, crops and augmentations, single-process data loading.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -279,31 +278,3 @@ def train_segmentation(
     torch.save(net.state_dict(), out / WEIGHTS_NAME)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return config
-
-
-def _cmd_train_seg(args: argparse.Namespace) -> int:
-    """CLI glue: the phantom generator is the sample provider (imported here, never by the library)."""
-    import importlib
-
-    phantom = importlib.import_module("needle_steering.sim.phantom")
-    provider = phantom_sample_provider(phantom.generate_phantom, phantom.PhantomConfig)
-    config = train_segmentation(
-        args.out, seed=args.seed, epochs=args.epochs, samples=args.samples, threads=args.threads,
-        progress=not args.no_progress, provider=provider,
-        time_budget_s=args.time_budget * 60.0 if args.time_budget else None, log=print,
-    )
-    print(json.dumps(config["training"], indent=2))
-    return 0
-
-
-def add_train_seg_subcommand(subparsers: Any) -> None:
-    """Add ``needle-steering train-seg --out DIR [--seed N] [--epochs N] [--samples N]``."""
-    p = subparsers.add_parser("train-seg", help="train the learned vertebra segmenter on synthetic phantoms")
-    p.add_argument("--out", required=True, help="output folder (vertebra_seg.pt, vertebra_seg.json)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--samples", type=int, default=32, help="phantoms generated for training")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="stop after MIN minutes")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_cmd_train_seg)
