@@ -1,9 +1,10 @@
 """``make demo`` / ``needle-steering demo``: the end-to-end path THROUGH THE ROS 2 GRAPH on a generated patient.
 
-1. The node graph of ``config/sim.yaml`` starts in this process (the bringup machinery,
-   :func:`needle_steering.nodes.bringup.start_graph`, on its own rclpy context); the patient is the
-   generated phantom (``seed``, T12-L5, 1 mm, with a lesion) and the twin is the PyBullet twin.
-2. A separate rclpy client node (another context: everything goes over DDS) then acts as the user:
+1. The node graph of ``config/sim.yaml`` starts as ``needle-steering bringup`` does, one process
+   per node (:func:`needle_steering.nodes.bringup.start_graph_process`; node logs in
+   ``DIR/graph.log``); the patient is the generated phantom (``seed``, T12-L5, 1 mm, with a lesion)
+   and the twin is the PyBullet twin.
+2. An rclpy client node in the demo's own process then acts as the user, over DDS:
    ``/perception/segment`` -> sets the ``planning_node`` parameters (L1-L5 screws + a
    transpedicular biopsy of the lesion, planned on the segmentation) -> ``/planning/plan`` ->
    a **scripted reviewer** approves every trajectory with the same
@@ -17,7 +18,6 @@
 
 Progress goes to stderr as ``[n/N] ...``. The exit status is 0 only when every approved trajectory
 was reached within the acceptance tolerance; a stop or fault is reported with its reason (status 1).
-A core API that has not landed yet fails the demo at once with one line naming it (nothing is faked).
 """
 
 from __future__ import annotations
@@ -78,13 +78,6 @@ DEMO_SETTINGS = {
     # The arm at the head end of the table: posterior and lateral (straight biopsy) approaches are
     # both within reach (beside the table, a left-lateral path would need the wrist inside the base).
     "sim_node.patient_yaw_deg": 90.0,
-    # The whole graph and this client share one Python process (one GIL) on 2 shared cores; the
-    # nodes' callbacks see tracker samples up to a few hundred ms late under load (measured p99
-    # ~130 ms, max ~360 ms), so the watchdog gets 0.5 s here instead of sim.yaml's 0.25 s, and the
-    # twin's servo_jv timeout as much (a shorter one stops the needle during a stall of the process
-    # while the controller's estimator keeps predicting the commanded motion: "sensor_inconsistent").
-    "control_node.sensor_timeout_s": 0.5,
-    "sim_node.command_timeout_s": 0.5,
     "sim_node.rate_hz": 100.0,
     "plan_review_node.surgeon_id": REVIEWER_ID,
 }
@@ -172,7 +165,8 @@ _OBSERVED = ("/control/status", "/sim/state", "/plan/approvals", "/perception/le
 class _Client:
     """The user's rclpy node (own context, over DDS): services, parameters, RViz feedback, recording."""
 
-    def __init__(self, domain_id: int, mcap_path: Path) -> None:
+    def __init__(self, domain_id: int, mcap_path: Path, graph_problem: Callable[[], str | None]) -> None:
+        self.graph_problem = graph_problem
         import rclpy
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
@@ -253,6 +247,9 @@ class _Client:
         while time.monotonic() < end:
             if predicate():
                 return
+            problem = self.graph_problem()
+            if problem:
+                raise DemoError(f"while waiting for {what}: {problem}")
             self.executor.spin_once(timeout_sec=0.02)
         raise DemoError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
@@ -375,7 +372,7 @@ def run_demo(out_dir: Path, seed: int = 7) -> int:
 
 def _run(out_dir: Path, seed: int, started: float) -> int:
     from needle_steering.nodes import core_adapters
-    from needle_steering.nodes.bringup import BringupError, start_graph
+    from needle_steering.nodes.bringup import BringupError, start_graph_process
 
     out_dir.mkdir(parents=True, exist_ok=True)
     audit_dir = out_dir / "audit"
@@ -414,17 +411,17 @@ def _run(out_dir: Path, seed: int, started: float) -> int:
         timings[name] = round(now - t0, 2)
         return now
 
-    _progress(1, f"starting the ROS 2 graph from {CONFIG} in this process (ROS_DOMAIN_ID={domain_id}, "
-                 f"PyBullet twin, phantom seed {seed} {PHANTOM_LEVELS})")
+    _progress(1, f"starting the ROS 2 graph from {CONFIG}, one process per node (ROS_DOMAIN_ID={domain_id}, "
+                 f"PyBullet twin, phantom seed {seed} {PHANTOM_LEVELS}; node logs in {out_dir / 'graph.log'})")
     t = time.perf_counter()
     try:
-        graph = start_graph(CONFIG, overrides, domain_id=domain_id, log_level="warn")
+        graph = start_graph_process(CONFIG, overrides, out_dir / "graph.log", domain_id=domain_id)
     except BringupError as exc:
         raise DemoError(str(exc)) from None
     client: _Client | None = None
     exit_status = 1
     try:
-        client = _Client(domain_id, out_dir / "run.mcap")
+        client = _Client(domain_id, out_dir / "run.mcap", graph.problem)
         summary["ros"]["nodes"] = list(graph.names)
         client.wait_for(lambda: bool(client.status) and bool(client.sim_state), 30.0, "the graph's first status")
         t = lap("graph_start_s", t)
@@ -646,7 +643,11 @@ def _run(out_dir: Path, seed: int, started: float) -> int:
             summary["recorded_messages"] = dict(sorted(client.counts.items()))
             summary["recorded_messages_total"] = client.recorder.messages
             client.close()
-        graph.shutdown()
+        graph_status = graph.shutdown()
+        summary["ros"]["graph_exit_status"] = graph_status
+        if graph_status != 0:
+            exit_status = 1
+            summary.setdefault("error", f"the node graph exited with status {graph_status} (see {graph.log_path})")
         summary["timings_s"] = {**timings, "total_s": round(time.perf_counter() - started, 2)}
         summary["files"] = {
             name: str(out_dir / name) for name in ("plan.json", "report.html", "run.mcap", "summary.json")

@@ -1,9 +1,10 @@
-"""``needle-steering bringup --config config/sim.yaml``: the whole node graph in one process.
+"""``needle-steering bringup --config config/sim.yaml``: the whole node graph without ``ros2 launch``.
 
 The config is an ordinary ROS 2 parameter file (``<node_name>: ros__parameters: {...}``), the
 same file the launch files pass to each node. Bringup starts every node named in it (in the
-order perception, planning, review, control, sim), spins them on one
-``MultiThreadedExecutor`` and shuts all of them down on SIGINT/SIGTERM.
+order perception, planning, review, control, sim), each in its own process as the launch files
+do, and shuts all of them down on SIGINT/SIGTERM or when any one of them exits.
+:func:`start_graph` runs the same graph inside the calling process instead (the demo).
 
 Before anything starts, the file is checked against the interface table: unknown nodes or
 parameters and out-of-range values stop bringup with the reason (exit status 2).
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 #: Start order (the producer of latched data first).
 NODE_ORDER = ("perception_node", "planning_node", "plan_review_node", "control_node", "sim_node")
 EXIT_CONFIG = 2
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class BringupError(ValueError):
@@ -131,171 +136,141 @@ def _write_params(folder: Path, config: dict[str, dict[str, Any]], names: Sequen
     return params_file
 
 
-def _close_nodes(nodes: Sequence[Node]) -> None:
-    """``close()`` (hold the robot, stop threads, close audit logs) then destroy, in reverse start order."""
-    for node in reversed(nodes):
-        close = getattr(node, "close", None)
-        try:
-            if callable(close):
-                close()
-        finally:
-            node.destroy_node()
-
-
 def run_bringup(config_path: str, overrides: Sequence[str] = (), only: Sequence[str] = ()) -> int:
-    """Start the node graph of ``config_path`` and spin until SIGINT/SIGTERM. Returns the exit status."""
-    import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    """Start the node graph of ``config_path``, one process per node, until SIGINT/SIGTERM.
 
+    Like ``ros2 launch``: every node runs its own console-script entry point in its own process
+    (``python -m needle_steering.nodes.<name> --ros-args --params-file ...``), so a busy node cannot
+    starve another through the GIL and a crash stays in its process. When any node exits on its
+    own, the rest are stopped too: a control stack with a missing node must not keep running.
+
+    Returns:
+        0 when stopped by a signal and every node shut down cleanly; otherwise the first non-zero
+        exit status of a node (or 1 when a node had to be killed).
+    """
     path = find_config(config_path)
     config = load_config(path, overrides)
     names = _graph_names(path, config, only)
+    stop = threading.Event()
+
+    def _request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    status = 0
     with tempfile.TemporaryDirectory(prefix="needle_steering_bringup_") as tmp:
         params_file = _write_params(Path(tmp), config, names)
-        rclpy.init(args=["--ros-args", "--params-file", str(params_file)])
-        nodes: list[Node] = []
         try:
-            factories = _factories()
             for name in names:
-                nodes.append(factories[name]())
-            executor = MultiThreadedExecutor(num_threads=4)
-            for node in nodes:
-                executor.add_node(node)
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", f"needle_steering.nodes.{name}", "--ros-args", "--params-file",
+                     str(params_file)],
+                    process_group=0,  # the terminal's Ctrl-C reaches bringup only; bringup forwards it once
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 (bringup runs no threads)
+                )  # fmt: skip
             domain = os.environ.get("ROS_DOMAIN_ID", "0")
-            print(
-                f"bringup: {', '.join(names)} running from {path} (ROS_DOMAIN_ID={domain})",
-                file=sys.stderr,
-                flush=True,
-            )
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
+            pids = ", ".join(f"{n} (pid {p.pid})" for n, p in procs.items())
+            print(f"bringup: {pids} running from {path} (ROS_DOMAIN_ID={domain})", file=sys.stderr, flush=True)
+            while not stop.wait(0.2):
+                exited = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
+                if exited:
+                    name, code = next(iter(exited.items()))
+                    print(f"bringup: {name} exited with status {code}; stopping the graph", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                    status = code or 1
+                    break
         finally:
-            _close_nodes(nodes)
-            if rclpy.ok():
-                rclpy.shutdown()
-    return 0
+            status = _stop_processes(procs) or status
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return status
 
 
-class Graph:
-    """The node graph running inside this process (:func:`start_graph`), on its own rclpy context.
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if bringup dies, so no node outlives its supervisor."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
-    Each node spins on its own ``SingleThreadedExecutor`` in its own thread (see
-    :func:`start_graph` for why); other rclpy nodes of the same process (on another context) talk
-    to them over DDS like any other process would. Use as a context manager or call :meth:`shutdown`.
+
+def _stop_processes(procs: dict[str, subprocess.Popen[bytes]], timeout_s: float = 15.0) -> int:
+    """SIGINT every running node (reverse start order), wait, SIGKILL stragglers. Returns 0 if all exited cleanly."""
+    status = 0
+    for proc in reversed(list(procs.values())):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for name, proc in reversed(list(procs.items())):
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            print(f"bringup: {name} did not stop within {timeout_s} s; killing it", file=sys.stderr, flush=True)
+            proc.kill()
+            code = proc.wait()
+            status = status or 1
+        if code not in (0, -signal.SIGINT):
+            status = status or (code if code > 0 else 1)
+    return status
+
+
+class GraphProcess:
+    """``needle-steering bringup`` running in a child process (:func:`start_graph_process`).
+
+    Use as a context manager or call :meth:`shutdown`; :attr:`log_path` holds the nodes' output.
     """
 
-    def __init__(self, names: Sequence[str], config_path: Path, domain_id: int | None) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], names: Sequence[str], log_path: Path) -> None:
+        self.proc = proc
         self.names = tuple(names)
-        self.config_path = config_path
-        self.domain_id = domain_id
-        self.nodes: list[Node] = []
-        self._context: Any = None
-        self._executors: list[Any] = []
-        self._threads: list[threading.Thread] = []
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.log_path = log_path
 
-    def __enter__(self) -> Graph:
+    def __enter__(self) -> GraphProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def node(self, name: str) -> Node:
-        """The running node called ``name``."""
-        for node in self.nodes:
-            if node.get_name() == name:
-                return node
-        raise KeyError(f"node {name!r} is not running; running: {[n.get_name() for n in self.nodes]}")
+    def problem(self) -> str | None:
+        """Why the graph is not running (its exit status and the end of its log), or ``None``."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        tail = self.log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
+        return f"the node graph exited with status {code}; end of {self.log_path}:\n{tail}"
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop spinning, close and destroy every node, shut the context down (idempotent)."""
-        for executor in self._executors:
-            executor.shutdown(timeout_sec=timeout_s)
-        for thread in self._threads:
-            thread.join(timeout=timeout_s)
-        self._executors, self._threads = [], []
-        try:
-            _close_nodes(self.nodes)
-        finally:
-            self.nodes = []
-            if self._context is not None and self._context.ok():
-                self._context.shutdown()
-            self._context = None
-            if self._tmp is not None:
-                self._tmp.cleanup()
-                self._tmp = None
+    def shutdown(self, timeout_s: float = 30.0) -> int:
+        """SIGINT bringup (it stops every node), wait, kill the process group if it hangs. Returns its status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5.0)
+        return int(self.proc.returncode)
 
 
-def start_graph(
-    config_path: str,
-    overrides: Sequence[str] = (),
-    only: Sequence[str] = (),
-    domain_id: int | None = None,
-    log_level: str = "",
-) -> Graph:
-    """Start the node graph of ``config_path`` in this process, each node spinning in a background thread.
+def start_graph_process(
+    config_path: str, overrides: Sequence[str], log_path: Path, domain_id: int | None = None
+) -> GraphProcess:
+    """Check the parameter file and start ``needle-steering bringup`` on it in a child process.
 
-    Same parameter file, overrides and checks as ``needle-steering bringup`` (a bad file raises
-    :class:`BringupError` before any node starts); the nodes get their own rclpy context (with
-    ``domain_id`` when given, else ``ROS_DOMAIN_ID``), so a client node on another context reaches
-    them only through DDS. ``log_level`` (e.g. ``"warn"``) sets the nodes' logger level.
-
-    Every node gets its own ``SingleThreadedExecutor`` (as if each were its own process, minus the
-    GIL): with one ``MultiThreadedExecutor`` for the whole graph, a node whose mutually exclusive
-    callback group is busy keeps its ready subscriptions in the wait set, the dispatcher spins on
-    them, and a 50 Hz timer that takes a good part of its period can starve that node's
-    subscriptions (measured: control_node's tracker callbacks delayed > 1 s on 2 loaded cores).
-
-    Returns:
-        The running :class:`Graph` (call :meth:`Graph.shutdown`).
+    A bad file raises :class:`BringupError` here, before anything starts. The child gets its own
+    session (so shutting it down never signals the caller) and ``ROS_DOMAIN_ID=domain_id`` when
+    given; its output (every node's log) goes to ``log_path``.
     """
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.signals import SignalHandlerOptions
-
     path = find_config(config_path)
-    config = load_config(path, overrides)
-    names = _graph_names(path, config, only)
-    graph = Graph(names, path, domain_id)
-    graph._tmp = tempfile.TemporaryDirectory(prefix="needle_steering_graph_")
-    try:
-        params_file = _write_params(Path(graph._tmp.name), config, names)
-        context = Context()
-        args = ["--ros-args", "--params-file", str(params_file)]
-        if log_level:
-            args += ["--log-level", log_level]
-        rclpy.init(
-            args=args,
-            context=context,
-            domain_id=domain_id,
-            signal_handler_options=SignalHandlerOptions.NO,  # the caller owns SIGINT (KeyboardInterrupt)
-        )
-        graph._context = context
-        factories = _factories()
-        for name in names:
-            graph.nodes.append(factories[name](context=context))
-        for node in graph.nodes:
-            executor = SingleThreadedExecutor(context=context)
-            executor.add_node(node)
-            thread = threading.Thread(
-                target=_spin_quietly, args=(executor,), name=f"graph-{node.get_name()}", daemon=True
-            )
-            graph._executors.append(executor)
-            graph._threads.append(thread)
-            thread.start()
-    except BaseException:
-        graph.shutdown()
-        raise
-    return graph
-
-
-def _spin_quietly(executor: Any) -> None:
-    from rclpy.executors import ExternalShutdownException
-
-    with contextlib.suppress(ExternalShutdownException):
-        executor.spin()
+    names = _graph_names(path, load_config(path, overrides), ())
+    env = os.environ.copy()
+    if domain_id is not None:
+        env["ROS_DOMAIN_ID"] = str(domain_id)
+    args = [sys.executable, "-m", "needle_steering.nodes.bringup", "--config", str(path)]
+    for item in overrides:
+        args += ["--set", item]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return GraphProcess(proc, names, log_path)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,7 +302,7 @@ def _handler(args: argparse.Namespace) -> int:
 
 def add_bringup_subcommand(subparsers: Any) -> None:
     """Register ``bringup`` on the ``needle-steering`` subparsers (``handler`` default set)."""
-    p = subparsers.add_parser("bringup", help="start the ROS 2 node graph in one process")
+    p = subparsers.add_parser("bringup", help="start the ROS 2 node graph, one process per node (no launch needed)")
     _add_arguments(p)
     p.set_defaults(handler=_handler)
 

@@ -84,6 +84,8 @@ IFACE = CONTROL
 STATES = ("idle", "executing", "done", "stopped", "fault")
 #: Joint speed below which the robot counts as still (mm/s).
 STILL_MM_S = 1e-3
+SETTLE_S = 0.05  # samples must be received this long after the hold command
+SETTLE_TIMEOUT_S = 2.0
 #: Guide orientation error accepted before inserting (rad).
 ALIGN_ANGLE_RAD = math.radians(1.0)
 
@@ -130,6 +132,7 @@ class _Run:
     controller: SlidingModeController | None = None
     safety: SafetyMonitor | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
+    pending: dict[str, Any] | None = None  # reached, waiting for the robot to settle before measuring
 
     @property
     def current(self) -> str:
@@ -184,6 +187,10 @@ class ControlNode(Node):
         self.create_timer(1.0, self._publish_status, callback_group=g)
         self._audit.append({"event": "control_started", "node": self.get_name()})
         self._publish_status()
+        self.get_logger().info(
+            f"ready: {params['control_rate_hz']} Hz control, tracker watchdog {params['sensor_timeout_s']} s, "
+            f"audit log {params['audit_log'] or '(none)'}"
+        )
 
     def close(self) -> None:
         """Hold the robot and close the audit log (called at shutdown)."""
@@ -519,11 +526,46 @@ class ControlNode(Node):
             else:
                 self._send_retract(speed)
             return
+        if run.phase == "settle":
+            self._settle(run, traj, now)
+            return
         if run.phase == "align":
             self._align(run, traj, now, p)
             return
         if run.phase == "insert":
             self._insert(run, traj, now, p, inserted_mm)
+
+    def _settle(self, run: _Run, traj: Trajectory, now: float) -> None:
+        """Measure the reached tip once the robot holds still.
+
+        Robot and tracker samples arrive with transport latency; measured at the moment the controller
+        declares "reached" they describe the needle a few tens of milliseconds earlier. The result is taken
+        from samples received after the hold was commanded and while the insertion axis is still.
+        """
+        assert run.pending is not None and self._joints is not None and self._robot_tip is not None
+        assert self._tracker is not None
+        fresh = min(self._joints[0], self._robot_tip[0], self._tracker.stamp_s) > run.phase_t0 + SETTLE_S
+        if not (fresh and abs(self._joints[2]) <= STILL_MM_S):
+            if now - run.phase_t0 > SETTLE_TIMEOUT_S:
+                self._halt(
+                    "fault",
+                    f"robot did not hold still within {SETTLE_TIMEOUT_S} s after reaching {traj.id!r} "
+                    f"(insertion speed {self._joints[2]:.3f} mm/s)",
+                )
+            return
+        target = np.asarray(traj.tip_lps_mm, dtype=float)
+        result = {
+            **run.pending,
+            "robot_tip_error_mm": round(float(np.linalg.norm(self._robot_tip[1][:3, 3] - target)), 3),
+            "tracker_tip_error_mm": round(float(np.linalg.norm(self._tracker.position_mm - target)), 3),
+            "inserted_mm": round(self._joints[1], 3),
+        }
+        run.results.append(result)
+        run.pending = None
+        self._audit_event(
+            "trajectory_reached", trajectory_id=traj.id, **{k: v for k, v in result.items() if k != "trajectory"}
+        )
+        self._enter(run, "retract_after", now)
 
     def _enter(self, run: _Run, phase: str, now: float) -> None:
         run.phase, run.phase_t0, run.move_sent = phase, now, False
@@ -599,23 +641,15 @@ class ControlNode(Node):
             run.safety.set_path(run.controller.path.points_mm)
         if out.status == "reached":
             self._send_jv(HOLD)
-            assert self._robot_tip is not None and self._tracker is not None
             target = np.asarray(traj.tip_lps_mm, dtype=float)
-            result = {
+            run.pending = {
                 "trajectory": traj.id,
                 "reached": True,
-                "robot_tip_error_mm": round(float(np.linalg.norm(self._robot_tip[1][:3, 3] - target)), 3),
                 "estimated_tip_error_mm": round(float(np.linalg.norm(est.position_mm - target)), 3),
-                "tracker_tip_error_mm": round(float(np.linalg.norm(self._tracker.position_mm - target)), 3),
-                "inserted_mm": round(inserted_mm, 3),
                 "reason": out.reason,
             }
-            run.results.append(result)
-            self._audit_event(
-                "trajectory_reached", trajectory_id=traj.id, **{k: v for k, v in result.items() if k != "trajectory"}
-            )
             run.ekf = run.controller = run.safety = None
-            self._enter(run, "retract_after", now)
+            self._enter(run, "settle", now)
             return
         if out.status == "aborted":
             self._halt("fault", f"controller aborted {traj.id!r}: {out.reason}")
@@ -653,7 +687,7 @@ class ControlNode(Node):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``control_node``."""
-    return run_node(ControlNode, argv)
+    return run_node(ControlNode, argv, multi_threaded=False)  # one callback group: see run_node
 
 
 if __name__ == "__main__":  # pragma: no cover

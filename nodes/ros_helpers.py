@@ -81,16 +81,21 @@ def parse_json_object(text: str, source: str) -> dict[str, Any]:
     return data
 
 
-def run_node(factory: Callable[[], Node], argv: Sequence[str] | None = None) -> int:
-    """Standard ``main``: init rclpy with ``argv``, spin one node multi-threaded, shut down cleanly."""
+def run_node(factory: Callable[[], Node], argv: Sequence[str] | None = None, *, multi_threaded: bool = True) -> int:
+    """Standard ``main``: init rclpy with ``argv``, spin one node, shut down cleanly.
+
+    ``multi_threaded=False`` suits a node whose callbacks all share one mutually exclusive group:
+    a multi-threaded executor gives it no concurrency, and while the group is busy its ready
+    subscriptions keep the dispatcher spinning, which takes CPU from the busy callback itself.
+    """
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 
     rclpy.init(args=list(argv) if argv is not None else sys.argv)
     node: Node | None = None
     try:
         node = factory()
-        executor = MultiThreadedExecutor()
+        executor = MultiThreadedExecutor() if multi_threaded else SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

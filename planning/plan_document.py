@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -98,6 +99,20 @@ def canonicalize(value: Any, where: str = "document") -> JSONValue:
 def canonical_json(value: Any) -> str:
     """Canonical JSON text of ``value`` (sorted keys, compact, rounded floats, no NaN)."""
     return json.dumps(canonicalize(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def deep_freeze(value: JSONValue) -> Any:
+    """Read-only view of canonical JSON: objects become mapping proxies, lists become tuples.
+
+    Plans and trajectories hash themselves once at construction, so nothing reachable from them may
+    change afterwards; mutating a frozen plan raises ``TypeError`` instead of silently invalidating
+    an approval.
+    """
+    if isinstance(value, dict):
+        return MappingProxyType({k: deep_freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(deep_freeze(v) for v in value)
+    return value
 
 
 def sha256_of(value: Mapping[str, Any]) -> str:
@@ -216,8 +231,9 @@ class Trajectory:
     path_lps_mm: tuple[tuple[float, float, float], ...]
     diameter_mm: float
     length_mm: float
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    _sha256: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         where = f"trajectory {self.id!r}"
@@ -238,18 +254,18 @@ class Trajectory:
         object.__setattr__(self, "path_lps_mm", pts)
         object.__setattr__(self, "diameter_mm", _positive(self.diameter_mm, f"{where}.diameter_mm"))
         object.__setattr__(self, "length_mm", _positive(self.length_mm, f"{where}.length_mm"))
-        object.__setattr__(
-            self, "metrics", _metrics(canonicalize(self.metrics, f"{where}.metrics"), f"{where}.metrics")
-        )
+        metrics = _metrics(canonicalize(self.metrics, f"{where}.metrics"), f"{where}.metrics")
+        object.__setattr__(self, "metrics", MappingProxyType(metrics))
         warnings = self.warnings
         if isinstance(warnings, str) or not isinstance(warnings, Sequence):
             raise PlanDocumentError(f"{where}.warnings: expected a list of strings, got {warnings!r}")
         object.__setattr__(self, "warnings", tuple(_string(w, f"{where}.warnings") for w in warnings))
+        object.__setattr__(self, "_sha256", sha256_of(self._body()))
 
     @property
     def sha256(self) -> str:
-        """SHA-256 of the canonical trajectory (approvals bind to it)."""
-        return sha256_of(self._body())
+        """SHA-256 of the canonical trajectory (approvals bind to it); computed once, the fields are frozen."""
+        return self._sha256
 
     def _body(self) -> dict[str, Any]:
         return {
@@ -269,7 +285,7 @@ class Trajectory:
     def to_dict(self) -> dict[str, Any]:
         """Canonical dictionary including ``sha256``."""
         body: dict[str, Any] = canonicalize(self._body(), f"trajectory {self.id!r}")
-        body["sha256"] = sha256_of(body)
+        body["sha256"] = self._sha256
         return body
 
     @classmethod
@@ -400,14 +416,15 @@ class PlanDocument:
     image: ImageInfo
     labels: ImageInfo
     trajectories: tuple[Trajectory, ...]
-    skipped: dict[str, str] = field(default_factory=dict)
-    levels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    levels: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
-    derived: dict[str, str] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
+    derived: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
     created_utc: str = ""
     created_by: str = "needle_steering.planning"
     schema: str = SCHEMA
+    _sha256: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         if self.schema != SCHEMA:
@@ -420,6 +437,9 @@ class PlanDocument:
             object.__setattr__(self, "created_utc", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         object.__setattr__(self, "trajectories", tuple(self.trajectories))
         object.__setattr__(self, "warnings", tuple(self.warnings))
+        for name in ("skipped", "levels", "derived", "options"):
+            object.__setattr__(self, name, deep_freeze(canonicalize(getattr(self, name), f"plan.{name}")))
+        object.__setattr__(self, "_sha256", sha256_of(self._body()))
 
     def trajectory(self, trajectory_id: str) -> Trajectory:
         """The trajectory with ``trajectory_id`` (:class:`PlanDocumentError` if absent)."""
@@ -445,13 +465,13 @@ class PlanDocument:
 
     @property
     def sha256(self) -> str:
-        """SHA-256 of the canonical plan without its own hash field."""
-        return sha256_of(self._body())
+        """SHA-256 of the canonical plan without its own hash field; computed once, the fields are frozen."""
+        return self._sha256
 
     def to_dict(self) -> dict[str, Any]:
         """Canonical dictionary including ``sha256``."""
         body: dict[str, Any] = canonicalize(self._body(), "plan")
-        body["sha256"] = sha256_of(body)
+        body["sha256"] = self._sha256
         return body
 
     def to_json(self) -> str:

@@ -231,10 +231,6 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[User, Path
         f"control_node.audit_log={folder / 'control.jsonl'}",
         "--set",
         "control_node.insertion_speed_mm_s=15.0",
-        "--set",
-        # 0.5 s like the demo: the control tick re-hashes the plan (~2.5 ms each, several per tick),
-        # which on a loaded 2-core machine can delay tracker callbacks past 0.3 s (follow-up: hash once).
-        "control_node.sensor_timeout_s=0.5",
     ]
     log = (folder / "bringup.log").open("w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())

@@ -331,7 +331,6 @@ def graph(tmp_path_factory: pytest.TempPathFactory, labels: Volume) -> Iterator[
         "--set", f"plan_review_node.audit_log={folder / 'review.jsonl'}",
         "--set", f"control_node.audit_log={folder / 'control.jsonl'}",
         "--set", "control_node.insertion_speed_mm_s=15.0",
-        "--set", "control_node.sensor_timeout_s=0.5",
     ]  # fmt: skip
     log = (folder / "bringup.log").open("w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -105,6 +106,28 @@ def test_tampering_is_detected() -> None:
         load_plan(json.dumps(data))
 
 
+def test_plan_is_immutable_so_its_hash_is_computed_once() -> None:
+    """Approvals bind to hashes cached at construction: nothing reachable from a plan may change."""
+    plan = _plan()
+    before = plan.sha256
+    with pytest.raises(TypeError):
+        plan.options["clearance_mm"] = 0.0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        plan.levels["L3"]["trabecular_hu"] = 0.0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        plan.trajectories[0].metrics["grade"] = "E"  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        plan.trajectories[0].length_mm = 1.0  # type: ignore[misc]
+    assert plan.sha256 == before
+    assert json.loads(plan.to_json())["sha256"] == before
+    # a plan built from the same content (caller's dicts copied, not shared) hashes the same
+    options = {"clearance_mm": 1.0}
+    again = PlanDocument(plan.image, plan.labels, plan.trajectories, plan.skipped, plan.levels, plan.warnings,
+                         plan.derived, options, plan.created_utc)
+    options["clearance_mm"] = 9.0
+    assert again.sha256 == before and again.options["clearance_mm"] == 1.0
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -133,7 +156,7 @@ def test_non_finite_numbers_rejected() -> None:
     with pytest.raises(PlanDocumentError, match="finite"):
         _trajectory(tip_x=math.nan)
     with pytest.raises(PlanDocumentError, match="finite"):
-        Trajectory(**{**_trajectory().__dict__, "metrics": {"x": math.inf}})
+        dataclasses.replace(_trajectory(), metrics={"x": math.inf})
 
 
 def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
