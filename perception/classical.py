@@ -105,11 +105,11 @@ def _canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.boo
     track = np.full((n_k, 2), np.nan)
     canal = np.zeros(hu.shape, bool)
     area_mm2 = spacing * spacing
-    candidates: list[list[tuple[float, float, NDArray[np.bool_], float]]] = []
+    candidates: list[list[tuple[float, float, NDArray[np.bool_], float, float]]] = []
     body_x = np.full(n_k, np.nan)
     for k in range(n_k):
         sl = bone[:, :, k]
-        cands: list[tuple[float, float, NDArray[np.bool_], float]] = []
+        cands: list[tuple[float, float, NDArray[np.bool_], float, float]] = []
         if body[:, :, k].any():
             body_x[k] = float(np.mean(np.nonzero(body[:, :, k])[0]))
         if sl.sum() * area_mm2 > 200:
@@ -129,27 +129,64 @@ def _canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.boo
                 ci, cj = ndimage.center_of_mass(hole)
                 full = np.zeros(sl.shape, bool)
                 full[obj] = hole
-                cands.append((ci + obj[0].start, cj + obj[1].start, full, area))
+                cands.append((ci + obj[0].start, cj + obj[1].start, full, area, mean_hu))
         candidates.append(cands)
     # Lateral midline of the body: the canal lies close to it.
     mid_x = float(np.nanmedian(body_x)) if np.isfinite(body_x).any() else hu.shape[0] / 2
-    scored = [(k, c) for k, cands in enumerate(candidates) for c in cands
-              if abs(c[0] - mid_x) * spacing < 40.0]
-    if not scored:
-        return track, canal
-    ref_i = float(np.median([c[0] for _, c in scored]))
-    ref_j = float(np.median([c[1] for _, c in scored]))
+    # Per slice, the darkest candidate near the midline is the likeliest canal (CSF/fat); holes in a
+    # vertebral body whose cancellous bone falls below the threshold (osteoporosis, 3 mm partial
+    # volume) are brighter and lie anterior of it.
+    anchors: list[tuple[int, float, float, float]] = []
     for k, cands in enumerate(candidates):
+        near = [c for c in cands if abs(c[0] - mid_x) * spacing < 40.0]
+        if near:
+            darkest = min(near, key=lambda c: c[4])
+            anchors.append((k, darkest[0], darkest[1], darkest[4]))
+    if not anchors:
+        return track, canal
+    anchors = _longest_chain(anchors, spacing)
+    anchor_k = np.array([a[0] for a in anchors])
+    anchor_ij = np.array([[a[1], a[2]] for a in anchors])
+    canal_hu = float(np.median([a[3] for a in anchors]))
+    window = max(2, round(40.0 / spacing))
+    for k, cands in enumerate(candidates):
+        # The canal follows the curvature of the spine: reference position from the anchors within
+        # +-40 mm (all anchors when none is that close).
+        local = np.abs(anchor_k - k) <= window
+        ref_i, ref_j = np.median(anchor_ij[local] if local.any() else anchor_ij, axis=0)
         best = None
-        best_d = 25.0 / spacing
+        best_cost = np.inf
         for c in cands:
             d = float(np.hypot(c[0] - ref_i, (c[1] - ref_j) * 0.6))
-            if d < best_d:
-                best, best_d = c, d
+            if d >= 25.0 / spacing:
+                continue
+            # Distance in units of the search radius plus brightness above the typical canal.
+            cost = d * spacing / 25.0 + max(0.0, c[4] - canal_hu) / 60.0
+            if cost < best_cost:
+                best, best_cost = c, cost
         if best is not None:
             track[k] = best[:2]
             canal[:, :, k] = best[2]
     return track, canal
+
+
+def _longest_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
+                   ) -> list[tuple[int, float, float, float]]:
+    """The longest cranio-caudal chain of canal anchors ``(k, i, j, mean HU)``, sorted by k.
+
+    Consecutive members are at most 20 mm apart in k and 15 mm apart in plane: dark holes in the
+    pelvis or the chest far from the spine's canal form chains of their own and are dropped.
+    """
+    chains: list[list[tuple[int, float, float, float]]] = []
+    for a in sorted(anchors):
+        for chain in chains:
+            last = chain[-1]
+            if (a[0] - last[0]) * spacing <= 20.0 and np.hypot(a[1] - last[1], a[2] - last[2]) * spacing <= 15.0:
+                chain.append(a)
+                break
+        else:
+            chains.append([a])
+    return max(chains, key=len)
 
 
 def _enclosed_canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float,
@@ -339,7 +376,26 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     if disc is not None:
         column &= ~disc
     eroded = ndimage.binary_erosion(column, iterations=max(1, round(2.0 / spacing)))
-    lab, _ = ndimage.label(eroded)
+    # Discs from the intensity profile along the body centreline (oblique sampling): at coarse
+    # spacing or in osteoporotic bone the eroded column both bridges discs (partial volume) and
+    # breaks apart inside bodies (cancellous bone below the threshold). When the profile finds the
+    # discs, the column between two consecutive disc planes is one body.
+    centre = _body_centreline(column, spacing)
+    profile, tangent = _centreline_profile(hu, centre, spacing)
+    planes = _profile_discs(profile, centre, tangent, spacing)
+    if len(planes) >= 2:
+        # The whole column (not the eroded one, which falls apart in hollow coarse bodies) between the planes.
+        eroded = _cut_at_planes(column, planes, spacing)
+        index = _plane_index(bone.shape, planes)
+        lab = np.zeros(bone.shape, np.int32)
+        box = ndimage.find_objects(eroded.astype(np.int8))[0] if eroded.any() else None
+        for value in range(len(planes) + 1) if box is not None else ():
+            # One body per interval: its largest connected part (not debris that the planes reach).
+            part = eroded[box] & (index[box] == value)
+            if part.any():
+                lab[box][_largest_component(part)] = value + 1
+    else:
+        lab, _ = ndimage.label(eroded)
     min_ml = 2.0
     bodies: list[tuple[int, int, NDArray[np.bool_]]] = []
     for idx, obj in enumerate(ndimage.find_objects(lab), start=1):
@@ -379,6 +435,9 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         if n_seg > 1:
             discs.append(int(a))
     n_seg = len(split)
+    interval_of: dict[int, int] | None = None
+    if len(planes) >= 2:
+        interval_of = {n: int(np.median(index[markers == n])) for n in range(1, n_seg + 1)}
     # In an axial slice through a body, the bone connected to it in that slice (pedicles,
     # laminae, transverse processes: the ring around the canal) belongs to it: seed that first,
     # so that touching arches of neighbours cannot claim it in 3-D.
@@ -392,7 +451,11 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
             continue
         hit = np.unique(comp[markers[:, :, k] > 0])
         hit = hit[hit > 0]
-        markers[:, :, k][np.isin(comp, hit) & (markers[:, :, k] == 0)] = int(present[0])
+        ring = np.isin(comp, hit) & (markers[:, :, k] == 0)
+        if interval_of is not None:
+            # Profile discs are oblique: the ring stays on its body's side of the disc planes.
+            ring &= index[:, :, k] == interval_of[int(present[0])]
+        markers[:, :, k][ring] = int(present[0])
     # Flood the rest from those seeds over the bone's distance map: basins meet at thin necks
     # (facet joints, touching spinous processes) rather than through thick bone.
     distance = ndimage.distance_transform_edt(spine_bone, sampling=[spacing] * 3)
@@ -458,3 +521,175 @@ def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
             "mean_hu": float(hu[mask].mean()),
         })
     return feats
+
+
+def _body_centreline(column: NDArray[np.bool_], spacing: float, sigma_mm: float = 6.0) -> NDArray[np.float64]:
+    """Centre ``(i, j)`` of the vertebral-body column per axial slice, smoothed; shape ``(K, 2)``, NaN where none.
+
+    Per slice, the centroid of the largest filled component of ``column`` (at least 150 mm^2) is
+    taken; gaps (discs, where the column may be thin) are interpolated and the curve is smoothed
+    with a ``sigma_mm`` Gaussian along the slices.
+    """
+    n_k = column.shape[2]
+    centre = np.full((n_k, 2), np.nan)
+    for k in range(n_k):
+        sl = column[:, :, k]
+        if not sl.any():
+            continue
+        sl = ndimage.binary_fill_holes(ndimage.binary_closing(sl))
+        lab, n = ndimage.label(sl)
+        sizes = ndimage.sum_labels(sl, lab, np.arange(1, n + 1))
+        best = int(np.argmax(sizes))
+        if sizes[best] * spacing * spacing < 150.0:
+            continue
+        centre[k] = ndimage.center_of_mass(lab == best + 1)
+    valid = np.isfinite(centre[:, 0])
+    if valid.sum() < 3:
+        return centre
+    ks = np.arange(n_k)
+    seen = ks[valid]
+    inside = (ks >= seen[0]) & (ks <= seen[-1])
+    out = np.full((n_k, 2), np.nan)
+    for axis in range(2):
+        filled = np.interp(ks[inside], seen, centre[valid, axis])
+        out[inside, axis] = ndimage.gaussian_filter1d(filled, sigma=max(1.0, sigma_mm / spacing), mode="nearest")
+    # No centreline across long gaps (no body there: above/below the spine, a lost track).
+    near = ndimage.binary_dilation(valid, iterations=max(1, round(10.0 / spacing)))
+    out[~near] = np.nan
+    return out
+
+
+def _centreline_profile(hu: NDArray[Any], centre: NDArray[np.float64], spacing: float, radius_mm: float = 9.0,
+                        ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Mean HU on discs of ``radius_mm`` perpendicular to the body centreline (oblique sampling).
+
+    Args:
+        hu: Working-grid intensities ``(I, J, K)``.
+        centre: ``(K, 2)`` body centre per slice (voxel units, NaN where none).
+        spacing: Isotropic voxel size, mm.
+
+    Returns:
+        ``(profile (K,), normal (K, 3))``: mean HU per slice (NaN where no centre) and the unit
+        tangent of the centreline (voxel axes i, j, k) that the sampling discs are perpendicular to.
+    """
+    n_k = hu.shape[2]
+    profile = np.full(n_k, np.nan)
+    normal = np.tile(np.array([0.0, 0.0, 1.0]), (n_k, 1))
+    valid = np.isfinite(centre[:, 0])
+    if valid.sum() < 3:
+        return profile, normal
+    ks = np.nonzero(valid)[0]
+    # The tangent from a more strongly smoothed curve: the body centroids wobble slice to slice.
+    smooth = ndimage.gaussian_filter1d(centre[ks], sigma=max(1.0, 8.0 / spacing), axis=0, mode="nearest")
+    grad = np.gradient(smooth, axis=0)
+    tangent = np.column_stack([grad, np.ones(len(ks))])
+    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+    normal[ks] = tangent
+    radii = np.arange(0.0, radius_mm + 1e-6, max(1.0, spacing * 0.75)) / spacing
+    angles = np.linspace(0.0, 2 * np.pi, 12, endpoint=False)
+    rr, aa = np.meshgrid(radii, angles, indexing="ij")
+    rr, aa = rr.ravel(), aa.ravel()
+    for row, k in enumerate(ks):
+        t = tangent[row]
+        u = np.cross(t, [0.0, 1.0, 0.0])
+        u /= max(float(np.linalg.norm(u)), 1e-9)
+        v = np.cross(t, u)
+        p = np.array([centre[k, 0], centre[k, 1], float(k)])
+        pts = p[:, None] + u[:, None] * (rr * np.cos(aa)) + v[:, None] * (rr * np.sin(aa))
+        vals = ndimage.map_coordinates(hu, pts, order=1, mode="nearest")
+        profile[k] = float(np.mean(vals))
+    return profile, normal
+
+
+#: A disc on the centreline profile is at least this much darker (HU) than the endplates within +-8 mm.
+DISC_PROMINENCE_HU = 20.0
+#: Minimum distance between two discs along the centreline, mm (the shortest lumbar/thoracic body + disc).
+MIN_DISC_DISTANCE_MM = 15.0
+
+
+@dataclass(frozen=True)
+class DiscPlane:
+    """An intervertebral disc found on the centreline profile (working-grid voxel units).
+
+    Attributes:
+        k: Slice of the profile minimum.
+        centre_ijk: ``(3,)`` point of the body centreline in the disc.
+        normal_ijk: ``(3,)`` unit tangent of the centreline there (points cranially).
+        prominence_hu: Depth of the minimum below the endplates on either side, HU.
+    """
+
+    k: int
+    centre_ijk: NDArray[np.float64]
+    normal_ijk: NDArray[np.float64]
+    prominence_hu: float
+
+
+def _profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tangent: NDArray[np.float64],
+                   spacing: float) -> list[DiscPlane]:
+    """Discs = minima of the centreline profile, flanked by brighter endplates within +-8 mm.
+
+    Returns:
+        Disc planes ordered caudal -> cranial (increasing k).
+    """
+    from scipy.signal import find_peaks
+
+    valid = np.isfinite(profile)
+    if valid.sum() < max(5, round(30.0 / spacing)):
+        return []
+    wlen = 2 * max(2, round(8.0 / spacing)) + 1
+    candidates: list[DiscPlane] = []
+    ks_all = np.arange(len(profile))
+    # Each contiguous run of the profile separately (no minimum across a gap of the centreline).
+    run_lab, n_runs = ndimage.label(valid)
+    for run in range(1, n_runs + 1):
+        ks = ks_all[run_lab == run]
+        if len(ks) < 3:
+            continue
+        peaks, props = find_peaks(-profile[ks], distance=max(2, round(MIN_DISC_DISTANCE_MM / spacing)),
+                                  prominence=DISC_PROMINENCE_HU, wlen=wlen)
+        for p, prom in zip(peaks, props["prominences"], strict=True):
+            k = int(ks[p])
+            candidates.append(DiscPlane(k, np.array([centre[k, 0], centre[k, 1], float(k)]), tangent[k].copy(),
+                                        float(prom)))
+    # Clear minima (twice the threshold) are discs. A shallow one (a cancellous minimum inside a
+    # body, a vessel) counts only where it does not cut a body shorter than 3/4 of the typical
+    # spacing of the clear discs.
+    strong = sorted((c for c in candidates if c.prominence_hu >= 2 * DISC_PROMINENCE_HU), key=lambda c: c.k)
+    if len(strong) < 2:
+        return sorted(candidates, key=lambda c: c.k) if len(candidates) <= 2 else strong
+    gaps = np.diff([c.k for c in strong])
+    typical = float(np.median(gaps))
+    accepted = list(strong)
+    for cand in sorted((c for c in candidates if c.prominence_hu < 2 * DISC_PROMINENCE_HU),
+                       key=lambda c: -c.prominence_hu):
+        if all(abs(cand.k - a.k) >= 0.75 * typical for a in accepted):
+            accepted.append(cand)
+    return sorted(accepted, key=lambda c: c.k)
+
+
+def _plane_index(shape: tuple[int, ...], planes: list[DiscPlane]) -> NDArray[np.int16]:
+    """Per voxel, the number of disc planes it lies above (0 = below the caudal-most disc)."""
+    ii = np.arange(shape[0], dtype=np.float32)[:, None, None]
+    jj = np.arange(shape[1], dtype=np.float32)[None, :, None]
+    kk = np.arange(shape[2], dtype=np.float32)[None, None, :]
+    index = np.zeros(shape, np.int16)
+    for plane in planes:
+        c, n = plane.centre_ijk.astype(np.float32), plane.normal_ijk.astype(np.float32)
+        index += ((ii - c[0]) * n[0] + (jj - c[1]) * n[1] > (c[2] - kk) * n[2]).astype(np.int16)
+    return index
+
+
+def _cut_at_planes(mask: NDArray[np.bool_], planes: list[DiscPlane], spacing: float,
+                   half_gap_mm: float = 2.5) -> NDArray[np.bool_]:
+    """``mask`` without a slab of +-``half_gap_mm`` (at least half a voxel) around each disc plane."""
+    out = mask.copy()
+    pts = np.argwhere(mask).astype(np.float32)
+    if pts.size == 0:
+        return out
+    half = max(0.5, half_gap_mm / spacing)
+    drop = np.zeros(len(pts), bool)
+    for plane in planes:
+        d = (pts - plane.centre_ijk.astype(np.float32)) @ plane.normal_ijk.astype(np.float32)
+        drop |= np.abs(d) < half
+    out[tuple(pts[drop].astype(int).T)] = False
+    return out

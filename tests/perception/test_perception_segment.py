@@ -49,12 +49,27 @@ def test_cbct_names_are_right_or_flagged(seed: int) -> None:
     assert all(lumbar) or (result.level_confidence <= 0.5 and result.warnings), (ident, result.warnings)
 
 
-def test_real_ct_segments_with_stated_uncertainty(shared_data: Path) -> None:
-    ct = read_volume(shared_data / "abdomen_ct_3mm" / "ct.nii.gz")
+def test_real_ct_levels_and_dice(shared_data: Path) -> None:
+    """3 mm abdominal CT (T12 to sacrum): every level named right, Dice against TotalSegmentator."""
+    from needle_steering.perception.io import resample_like
+    from needle_steering.perception.labels import from_totalsegmentator
+
+    folder = shared_data / "abdomen_ct_3mm"
+    ct = read_volume(folder / "ct.nii.gz")
+    ref = read_volume(folder / "labels_totalsegmentator_total.nii.gz")
+    ref = ref.with_array(from_totalsegmentator(ref.array.astype(np.int32), vertebrae_only=True))
+    if not ref.same_grid(ct):
+        ref = resample_like(ref, ct, is_label=True)
     result = segment_volume(ct, backend="classical")
-    assert len(result.levels) >= 5
-    # Only the sacrum anchors the names here, and the L5/S1 disc is not resolved at 3 mm:
-    # the result must say it is unsure rather than claim confident names.
+    # T11 is a 2 ml sliver at the top edge: evaluate levels of at least 5 ml.
+    ident = level_identification(result.labels, ref, min_ref_voxels=int(5.0 / ref.voxel_volume_ml()))
+    assert ident["accuracy"] == 1.0 and ident["shift"] == 0, ident["pairs"]
+    scores = per_level_scores(result.labels, ref, min_ref_ml=5.0)
+    # Measured (centreline-profile discs): T12 0.74, L1 0.83, L2 0.85, L3 0.87, L4 0.89, L5 0.74, S 0.53
+    # (the sacrum below the last closed canal ring is not reached); the 0.85 target is met for L2-L4 only.
+    for level, floor in {"T12": 0.65, "L1": 0.75, "L2": 0.78, "L3": 0.8, "L4": 0.8, "L5": 0.65, "S": 0.45}.items():
+        assert scores[level]["dice"] >= floor, (level, scores[level])
+    # One anchor (sacrum) only: the names are right but the result must still ask for verification.
     assert result.level_confidence <= 0.6
     assert any("verify" in w for w in result.warnings)
 
@@ -106,3 +121,31 @@ def test_thin_dicom_series_segments_with_a_weak_name(shared_data: Path) -> None:
     # 40 mm of spine, no sacrum, no lumbar transition: the name is a guess and must say so.
     assert result.level_confidence <= 0.3
     assert any("weak prior" in w for w in result.warnings)
+
+
+def test_thin_dicom_series_t12_dice(shared_data: Path) -> None:
+    """1 mm DICOM at the thoraco-lumbar junction: the vertebra overlapping T12 is found (weak name)."""
+    from needle_steering.perception.io import resample_like
+    from needle_steering.perception.labels import from_totalsegmentator
+
+    folder = shared_data / "dicom_ct_1mm"
+    ct = read_volume(folder / "series")
+    ref = read_volume(folder / "labels_totalsegmentator_total.nii.gz")
+    ref = resample_like(ref.with_array(from_totalsegmentator(ref.array.astype(np.int32), vertebrae_only=True)),
+                        ct, is_label=True)
+    result = segment_volume(ct, backend="classical")
+    ident = level_identification(result.labels, ref, min_ref_voxels=int(5.0 / ref.voxel_volume_ml()))
+    assert ident["pairs"].get("T12") == "T12", ident["pairs"]
+    # Measured 0.33: the partial T11/T12 pair in 40 mm is not yet separated (known gap, issue 3).
+    assert per_level_scores(result.labels, ref)["T12"]["dice"] >= 0.3
+
+
+def test_partial_fov_phantom_is_named_or_flagged() -> None:
+    """A phantom cut to three lumbar vertebrae (no sacrum, no ribs): never a confident shift."""
+    phantom = generate_phantom(PhantomConfig(seed=21, spacing_mm=2.0, levels=("L2", "L3", "L4"), margin_mm=0.0,
+                                             context_levels=False))
+    result = segment_volume(phantom.ct, backend="classical")
+    ident = level_identification(result.labels, phantom.labels)
+    right = all(ident["pairs"].get(name) == name for name in ("L2", "L3", "L4"))
+    assert right or (result.level_confidence <= 0.3 and any("verify" in w for w in result.warnings)), (
+        ident["pairs"], result.level_confidence, result.warnings)
