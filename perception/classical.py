@@ -312,36 +312,71 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     else:
         dense = float(np.percentile(hu[bone], 90))
         rim_hu = threshold + 0.5 * (dense - threshold)
-    segments, disc_k, warnings, body_k = _split_vertebrae(
-        hu, bone, canal, track, spacing, rim_hu=rim_hu,
-        disc=None if disc is None else np.asarray(disc, bool), peel=spine_bone is None,
+    # Everything after the canal works on the in-plane box around the track (the spine, the sacral alae
+    # and the iliac bone beside them): several times fewer voxels than the whole body at 1 mm.
+    box = _track_box(hu.shape, track, spacing, lateral_mm=SPINE_BOX_LATERAL_MM, anterior_mm=75.0, posterior_mm=75.0)
+    offset = np.array([box[0].start, box[1].start], float)
+    disc_box = None if disc is None else np.asarray(disc, bool)[box]
+    seg_box, disc_k, warnings, body_k, iliac_box = _split_vertebrae(
+        hu[box], bone[box], canal[box], track - offset, spacing, rim_hu=rim_hu,
+        disc=disc_box, peel=spine_bone is None,
     )
+    segments = np.zeros(hu.shape, np.int32)
+    segments[box] = seg_box
+    iliac: NDArray[np.bool_] | None = None
+    if iliac_box is not None:
+        iliac = np.zeros(hu.shape, bool)
+        iliac[box] = iliac_box
     result = SpineSegments(work, segments, canal, track, disc_k, warnings=warnings)
     # With a precomputed (tighter) spine mask, thresholded bone hugging the vertebrae (partial volume,
     # process tips) is not rib evidence: exclude a 4 mm shell around the spine.
     result.features = _features(result, hu, thresholded, body_k,
-                                spine_margin_vox=0 if spine_bone is None else max(1, round(4.0 / spacing)))
+                                spine_margin_vox=0 if spine_bone is None else max(1, round(4.0 / spacing)),
+                                iliac=iliac)
     return result
+
+
+#: Half-width (mm) of the in-plane box around the canal track that the body separation works in.
+SPINE_BOX_LATERAL_MM = 95.0
+#: 2-D (in-plane) connectivity for per-slice operations done on the whole stack at once.
+_SLICE_STRUCTURE = np.zeros((3, 3, 3), bool)
+_SLICE_STRUCTURE[:, 1, 1] = _SLICE_STRUCTURE[1, :, 1] = True
+
+
+def _track_box(shape: tuple[int, ...], track: NDArray[np.float64], spacing: float, *, lateral_mm: float,
+               anterior_mm: float, posterior_mm: float) -> tuple[slice, slice, slice]:
+    """In-plane bounding box (all slices) of the track +- the given margins (mm), clipped to ``shape``."""
+    valid = np.isfinite(track[:, 0])
+    if not valid.any():
+        return (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    ti, tj = track[valid, 0], track[valid, 1]
+    i0 = max(0, int(np.floor(ti.min() - lateral_mm / spacing)))
+    i1 = min(shape[0], int(np.ceil(ti.max() + lateral_mm / spacing)) + 1)
+    j0 = max(0, int(np.floor(tj.min() - anterior_mm / spacing)))
+    j1 = min(shape[1], int(np.ceil(tj.max() + posterior_mm / spacing)) + 1)
+    return (slice(i0, i1), slice(j0, j1), slice(0, shape[2]))
 
 
 def _spine_roi(shape: tuple[int, ...], track: NDArray[np.float64], spacing: float, *,
                lateral_mm: float, anterior_mm: float, posterior_mm: float) -> NDArray[np.bool_]:
-    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    roi = np.zeros(shape, bool)
-    for k in range(shape[2]):
-        ci, cj = track[k]
-        if not np.isfinite(ci):
-            continue
-        di = (ii - ci) * spacing
-        dj = (jj - cj) * spacing
-        roi[:, :, k] = (np.abs(di) <= lateral_mm) & (dj >= -anterior_mm) & (dj <= posterior_mm)
-    return roi
+    """Per slice, the box ``|di| <= lateral_mm``, ``-anterior_mm <= dj <= posterior_mm`` (mm) around the track.
+
+    Returns:
+        bool mask of ``shape`` (False in slices without a track point).
+    """
+    ci = track[:, 0][None, None, :]
+    cj = track[:, 1][None, None, :]
+    di = (np.arange(shape[0], dtype=float)[:, None, None] - ci) * spacing
+    dj = (np.arange(shape[1], dtype=float)[None, :, None] - cj) * spacing
+    with np.errstate(invalid="ignore"):
+        return (np.abs(di) <= lateral_mm) & (dj >= -anterior_mm) & (dj <= posterior_mm)
 
 
 def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.bool_],
                      track: NDArray[np.float64], spacing: float, *, rim_hu: float,
                      disc: NDArray[np.bool_] | None = None, peel: bool = True,
-                     ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]]]:
+                     ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]],
+                                NDArray[np.bool_] | None]:
     from skimage.segmentation import watershed
 
     warnings: list[str] = []
@@ -354,19 +389,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     keep = keep[keep > 0]
     spine_bone = np.isin(lab, keep)
     # Fill cancellous holes slice by slice, but never the canal or dark (fat/CSF) holes.
-    filled = spine_bone.copy()
-    for k in range(bone.shape[2]):
-        sl = spine_bone[:, :, k]
-        if not sl.any():
-            continue
-        holes = ndimage.binary_fill_holes(sl) & ~sl
-        hl, n = ndimage.label(holes)
-        if n == 0:
-            continue
-        means = ndimage.mean(hu[:, :, k], hl, index=np.arange(1, n + 1))
-        on_canal = np.unique(hl[canal[:, :, k]])
-        ok = [i + 1 for i, m in enumerate(means) if m > MAX_CANAL_HU and (i + 1) not in on_canal]
-        filled[:, :, k] |= np.isin(hl, ok)
+    filled = _fill_cancellous(spine_bone, hu, canal)
     spine_bone = ndimage.binary_closing(filled, iterations=1) & roi & ~canal
 
     # Vertebral bodies: the bone column in front of the canal, eroded once so that the discs
@@ -383,6 +406,11 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     centre = _body_centreline(column, spacing)
     profile, tangent = _centreline_profile(hu, centre, spacing)
     planes = _profile_discs(profile, centre, tangent, spacing)
+    if planes:
+        # The centreline stops where the canal ring opens (the sacrum): the caudal-most disc (L5/S1 when the
+        # sacrum is in view) was sampled nearly axially although the sacral slope tilts it 20-50 degrees.
+        planes[0] = _refine_disc(hu, planes[0], spacing, k_half_mm=9.0, j_range_mm=(-10.0, 25.0),
+                                 tilt_deg=CAUDAL_DISC_TILT_DEG)
     if len(planes) >= 2:
         # The whole column (not the eroded one, which falls apart in hollow coarse bodies) between the planes.
         eroded = _cut_at_planes(column, planes, spacing)
@@ -412,21 +440,43 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # A body component much taller than its neighbours holds two bodies whose disc did not
     # separate (bridging osteophytes, a tilted disc at coarse spacing): split it at the weakest
     # cross-section near its middle.
-    heights = np.array([b - a for a, b, _ in bodies], dtype=float)
+    heights = np.array([_height_along_planes(mask, planes) if len(planes) >= 2 else float(b - a)
+                        for a, b, mask in bodies])
     typical = float(np.median(heights))
+    typical_voxels = float(np.median([int(m.sum()) for _a, _b, m in bodies]))
     split: list[tuple[int, int, NDArray[np.bool_]]] = []
-    for a, b, mask in bodies:
-        if len(bodies) >= 3 and (b - a) > 1.3 * typical:
+    for (a, b, mask), height in zip(bodies, heights, strict=True):
+        if len(bodies) >= 3 and height > 1.3 * typical:
             area = mask.sum(axis=(0, 1)).astype(float)
             lo, hi = a + (b - a) // 3, b - (b - a) // 3
             cut = lo + int(np.argmin(area[lo:hi])) if hi > lo else (a + b) // 2
             upper, lower = mask.copy(), mask.copy()
             upper[:, :, :cut] = False
             lower[:, :, cut:] = False
+            if min(int(upper.sum()), int(lower.sum())) < 0.4 * typical_voxels:
+                # A sliver, not a second body (the sacrum is tall by nature).
+                split.append((a, b, mask))
+                continue
             split.extend([(a, cut, lower), (cut, b, upper)])
             warnings.append(f"split a {(b - a) * spacing:.0f} mm tall body column at slice {cut}: disc not visible")
         else:
             split.append((a, b, mask))
+    # Below the caudal-most disc the sacrum (canal ring open, body leaning back with the sacral slope) lies
+    # mostly outside the canal-track ROI: its bone below that disc plane joins the watershed, seeded from
+    # the bone right under the disc and competing with the iliac bone lateral to the sacroiliac joints.
+    sacral = _sacral_region(hu, bone, canal, planes, spacing) if len(planes) >= 2 else None
+    if sacral is not None:
+        seed, sacral_bone, _iliac = sacral
+        below = [n for n, (_a, _b, m) in enumerate(split) if np.median(index[m]) == 0]
+        if below:
+            a, b, m = split[below[0]]
+            split[below[0]] = (a, b, m | seed)
+        else:
+            ks_seed = np.nonzero(seed.any(axis=(0, 1)))[0]
+            split.append((int(ks_seed.min()), int(ks_seed.max()) + 1, seed))
+        flood_bone = spine_bone | sacral_bone
+    else:
+        flood_bone = spine_bone
     markers = np.zeros(bone.shape, np.int32)
     discs: list[int] = []
     split.sort(key=lambda t: t[0])
@@ -441,16 +491,17 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # In an axial slice through a body, the bone connected to it in that slice (pedicles,
     # laminae, transverse processes: the ring around the canal) belongs to it: seed that first,
     # so that touching arches of neighbours cannot claim it in 3-D.
+    comp_all, n_comp_all = ndimage.label(spine_bone, structure=_SLICE_STRUCTURE)
     for k in range(bone.shape[2]):
         present = np.unique(markers[:, :, k])
         present = present[present > 0]
-        if present.size != 1:
+        if present.size != 1 or n_comp_all == 0:
             continue
-        comp, n_comp = ndimage.label(spine_bone[:, :, k])
-        if n_comp == 0:
-            continue
+        comp = comp_all[:, :, k]
         hit = np.unique(comp[markers[:, :, k] > 0])
         hit = hit[hit > 0]
+        if hit.size == 0:
+            continue
         ring = np.isin(comp, hit) & (markers[:, :, k] == 0)
         if interval_of is not None:
             # Profile discs are oblique: the ring stays on its body's side of the disc planes.
@@ -458,8 +509,26 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         markers[:, :, k][ring] = int(present[0])
     # Flood the rest from those seeds over the bone's distance map: basins meet at thin necks
     # (facet joints, touching spinous processes) rather than through thick bone.
-    distance = ndimage.distance_transform_edt(spine_bone, sampling=[spacing] * 3)
-    segments = watershed(-distance, markers=markers, mask=spine_bone).astype(np.int32)
+    iliac_label = n_seg + 1
+    if sacral is not None:
+        markers[sacral[2] & (markers == 0)] = iliac_label
+    segments = np.zeros(bone.shape, np.int32)
+    objs = ndimage.find_objects(flood_bone.astype(np.int8))
+    if objs and objs[0] is not None:
+        # On the bone's bounding box (one voxel of background around it keeps the distances exact).
+        sb = tuple(slice(max(0, o.start - 1), min(n, o.stop + 1)) for o, n in zip(objs[0], bone.shape, strict=True))
+        distance = ndimage.distance_transform_edt(flood_bone[sb], sampling=[spacing] * 3)
+        segments[sb] = watershed(-distance, markers=markers[sb], mask=flood_bone[sb]).astype(np.int32)
+    segments[segments == iliac_label] = 0
+    if sacral is not None:
+        # The sacrum's thin cortices around low-density cancellous bone (and the sacral foramina's rims)
+        # leave it hollow at the threshold: close it and fill its in-plane holes (not fat, not the canal).
+        values, counts = np.unique(markers[sacral[0]], return_counts=True)
+        sacrum_label = int(values[np.argmax(counts)])
+        sac = segments == sacrum_label
+        grown = ndimage.binary_closing(sac, iterations=max(1, round(3.0 / spacing)))
+        grown = ndimage.binary_fill_holes(grown, structure=_SLICE_STRUCTURE)
+        segments[grown & (segments == 0) & (hu > MAX_CANAL_HU) & ~canal & ~sacral[2]] = sacrum_label
     if spacing <= 1.6 and peel:
         # The threshold that keeps thin cortex connected puts the surface ~half a voxel outside the
         # bone (partial volume): peel the outer rim where it is darker than the cortex mid-level.
@@ -473,16 +542,25 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     for new, old in enumerate(order, start=1):
         remap[old] = new
     body_k = [(int(split[old - 1][0]), int(split[old - 1][1])) for old in order]
-    return remap[segments], [int(d) for d in discs], warnings, body_k
+    return remap[segments], [int(d) for d in discs], warnings, body_k, (None if sacral is None else sacral[2])
 
 
 def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
-              body_k: list[tuple[int, int]], spine_margin_vox: int = 0) -> list[dict[str, Any]]:
-    """Per segment: volume, height, body width, rib evidence, position."""
+              body_k: list[tuple[int, int]], *, spine_margin_vox: int = 0,
+              iliac: NDArray[np.bool_] | None = None) -> list[dict[str, Any]]:
+    """Per segment: volume, height, body width, rib evidence, sacroiliac contact, position.
+
+    ``iliac`` (bool, working grid) is the pelvic bone that competed with the sacrum below the caudal-most
+    disc; ``iliac_contact_ml`` is the segment's bone within 4 mm of it (the sacroiliac joints: large for
+    the sacrum, ~0 for L5 whose transverse processes only approach the iliac crest).
+    """
     spacing = float(result.work.spacing_mm[0])
     seg = result.segments
     n = int(seg.max())
     feats: list[dict[str, Any]] = []
+    near_iliac = None
+    if iliac is not None and iliac.any():
+        near_iliac = ndimage.binary_dilation(iliac, iterations=max(1, round(4.0 / spacing)))
     spine_any = seg > 0
     if spine_margin_vox:
         spine_any = ndimage.binary_dilation(spine_any, iterations=spine_margin_vox)
@@ -519,6 +597,9 @@ def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
             "touches_top": bool(k_hi >= seg.shape[2] - 2),
             "touches_bottom": bool(k_lo <= 1),
             "mean_hu": float(hu[mask].mean()),
+            "iliac_contact_ml": (float((mask & near_iliac).sum() * spacing**3 / 1000.0)
+                                 if near_iliac is not None else 0.0),
+            "sacral_checked": iliac is not None,
         })
     return feats
 
@@ -667,6 +748,94 @@ def _profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], ta
     return sorted(accepted, key=lambda c: c.k)
 
 
+#: Bone this far (mm) lateral of the lumbosacral disc centre, or this far anterior of it, is pelvis
+#: (iliac, pubic), not sacrum.
+ILIAC_LATERAL_MM = 70.0
+PELVIS_ANTERIOR_MM = 45.0
+#: The sacral seed: bone under the caudal-most disc within these distances (mm) of its centre.
+SACRAL_SEED_LATERAL_MM = 22.0
+SACRAL_SEED_DEPTH_MM = 25.0
+
+
+def _fill_cancellous(mask: NDArray[np.bool_], hu: NDArray[Any], canal: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """``mask`` with its in-plane holes filled, except the canal and holes darker than :data:`MAX_CANAL_HU`."""
+    filled = mask.copy()
+    holes = ndimage.binary_fill_holes(mask, structure=_SLICE_STRUCTURE) & ~mask
+    hl, n = ndimage.label(holes, structure=_SLICE_STRUCTURE)
+    if n:
+        means = np.asarray(ndimage.mean(hu, hl, index=np.arange(1, n + 1)))
+        ok = means > MAX_CANAL_HU
+        ok[np.unique(hl[canal & (hl > 0)]) - 1] = False
+        filled |= np.concatenate([[False], ok])[hl]
+    return filled
+
+
+def _sacral_region(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.bool_], planes: list[DiscPlane],
+                   spacing: float) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]] | None:
+    """Bone below the caudal-most disc plane, for the sacrum's watershed (working-grid masks, shape of ``bone``).
+
+    Returns:
+        ``(seed, region, iliac)``: the seed (bone within :data:`SACRAL_SEED_LATERAL_MM` of the disc centre
+        and :data:`SACRAL_SEED_DEPTH_MM` under the disc, the S1 body when a sacrum is there), the whole
+        region (holes filled) the sacrum may flood, and the pelvic bone that competes with it
+        (:data:`ILIAC_LATERAL_MM` lateral or :data:`PELVIS_ANTERIOR_MM` anterior of the disc centre);
+        None when there is hardly any bone under the disc (the field of view ends there).
+    """
+    disc = planes[0]
+    c, n = disc.centre_ijk, disc.normal_ijk
+    ii = np.arange(bone.shape[0], dtype=np.float32)[:, None, None]
+    jj = np.arange(bone.shape[1], dtype=np.float32)[None, :, None]
+    kk = np.arange(bone.shape[2], dtype=np.float32)[None, None, :]
+    # Signed distance (mm) along the disc normal: negative below the disc.
+    along_mm = ((ii - c[0]) * n[0] + (jj - c[1]) * n[1] + (kk - c[2]) * n[2]) * spacing
+    region = bone & (along_mm < -0.5 * spacing)
+    if not region.any():
+        return None
+    region = _fill_cancellous(region, hu, canal) & ~canal
+    lateral_mm = np.abs(ii - c[0]) * spacing
+    seed = region & (lateral_mm <= SACRAL_SEED_LATERAL_MM) & (along_mm > -SACRAL_SEED_DEPTH_MM)
+    # Only the S1 body proper: in front of the canal, within ~40 mm of the disc centre along the endplate.
+    anterior_mm = (jj - c[1]) * spacing
+    seed &= (anterior_mm > -25.0) & (anterior_mm < 30.0)
+    if seed.sum() * spacing**3 < 3000.0:
+        return None
+    seed = _largest_component(seed)
+    iliac = region & ((lateral_mm >= ILIAC_LATERAL_MM) | (anterior_mm <= -PELVIS_ANTERIOR_MM)) & ~seed
+    # The sacroiliac joints are dark clefts between bright cortices, often bridged by the threshold at
+    # coarse spacing: flood on the (slightly smoothed) intensity so that the sacrum and the ilia meet there.
+    from skimage.segmentation import watershed
+
+    objs = ndimage.find_objects(region.astype(np.int8))
+    if objs and objs[0] is not None:
+        rb = objs[0]
+        markers = np.zeros(region[rb].shape, np.int32)
+        markers[seed[rb]] = 1
+        markers[iliac[rb]] = 2
+        smooth = ndimage.gaussian_filter(np.asarray(hu[rb], np.float32), sigma=max(0.5, 1.0 / spacing))
+        basins = watershed(-smooth, markers=markers, mask=region[rb])
+        sacrum = np.zeros(region.shape, bool)
+        sacrum[rb] = basins == 1
+        iliac = np.zeros(region.shape, bool)
+        iliac[rb] = basins == 2
+        seed = sacrum
+    return seed, region, iliac
+
+
+def _height_along_planes(mask: NDArray[np.bool_], planes: list[DiscPlane]) -> float:
+    """Extent (voxels) of ``mask`` along the normal of the disc plane nearest to its centroid.
+
+    A body cut by tilted disc planes spans more axial slices than its height; measured along the
+    discs' normal it compares with its neighbours.
+    """
+    pts = np.argwhere(mask).astype(np.float64)
+    if pts.size == 0:
+        return 0.0
+    centroid = pts.mean(axis=0)
+    nearest = min(planes, key=lambda p: abs(float((centroid - p.centre_ijk) @ p.normal_ijk)))
+    proj = pts @ nearest.normal_ijk
+    return float(proj.max() - proj.min() + 1.0)
+
+
 def _plane_index(shape: tuple[int, ...], planes: list[DiscPlane]) -> NDArray[np.int16]:
     """Per voxel, the number of disc planes it lies above (0 = below the caudal-most disc)."""
     ii = np.arange(shape[0], dtype=np.float32)[:, None, None]
@@ -693,3 +862,59 @@ def _cut_at_planes(mask: NDArray[np.bool_], planes: list[DiscPlane], spacing: fl
         drop |= np.abs(d) < half
     out[tuple(pts[drop].astype(int).T)] = False
     return out
+
+
+#: Tilt range (degrees from axial, normal leaning anteriorly) searched for the caudal-most disc (L5/S1: sacral slope).
+CAUDAL_DISC_TILT_DEG = (-10.0, 65.0)
+
+
+def _refine_disc(hu: NDArray[Any], plane: DiscPlane, spacing: float, *, k_half_mm: float,
+                 j_range_mm: tuple[float, float], tilt_deg: tuple[float, float]) -> DiscPlane:
+    """Re-fit a disc's position and sagittal tilt to the darkest disc-shaped slab between bright endplates.
+
+    Disc-shaped samples (radius 9 mm) are tried on a grid of centres in the sagittal plane through
+    ``plane.centre_ijk`` (k within +-``k_half_mm``, j offsets within ``j_range_mm``, 2 mm steps) and tilts
+    of the normal ``n = (0, -sin t, cos t)`` (voxel axes i, j, k: leaning anteriorly for positive t,
+    5 degree steps). Score = the darker of the two endplate samples (5-7 mm along +-n) minus the disc
+    sample (HU). The profile's axial-ish disc is kept when no candidate scores higher than it.
+
+    Args:
+        hu: Working-grid intensities ``(I, J, K)``.
+        plane: The profile disc (voxel units).
+        spacing: Isotropic voxel size, mm.
+
+    Returns:
+        The re-fitted plane (``prominence_hu`` = its score) or ``plane``.
+    """
+    step = max(1.0, 2.0 / spacing)
+    c0 = plane.centre_ijk
+    ks = np.arange(c0[2] - k_half_mm / spacing, c0[2] + k_half_mm / spacing + 1e-6, step)
+    js = np.arange(c0[1] + j_range_mm[0] / spacing, c0[1] + j_range_mm[1] / spacing + 1e-6, step)
+    ks = ks[(ks >= 0) & (ks <= hu.shape[2] - 1)]
+    js = js[(js >= 0) & (js <= hu.shape[1] - 1)]
+    if ks.size == 0 or js.size == 0:
+        return plane
+    kk, jj = np.meshgrid(ks, js, indexing="ij")
+    centres = np.column_stack([np.full(kk.size, c0[0]), jj.ravel(), kk.ravel()])  # (N, 3)
+    radii = np.arange(0.0, 9.0 + 1e-6, 3.0) / spacing
+    angles = np.linspace(0.0, 2 * np.pi, 10, endpoint=False)
+    rr, aa = np.meshgrid(radii, angles, indexing="ij")
+    rr, aa = rr.ravel(), aa.ravel()
+    best = (-np.inf, c0, plane.normal_ijk)
+    for tilt in np.deg2rad(np.arange(tilt_deg[0], tilt_deg[1] + 1e-6, 5.0)):
+        n = np.array([0.0, -np.sin(tilt), np.cos(tilt)])
+        u = np.array([1.0, 0.0, 0.0])
+        v = np.cross(n, u)
+        offsets = u[None, :] * (rr * np.cos(aa))[:, None] + v[None, :] * (rr * np.sin(aa))[:, None]  # (M, 3)
+        means = []
+        for shift_mm in (0.0, 5.0, 7.0, -5.0, -7.0):
+            pts = centres[:, None, :] + offsets[None, :, :] + n * (shift_mm / spacing)
+            vals = ndimage.map_coordinates(hu, pts.reshape(-1, 3).T, order=1, mode="nearest")
+            means.append(vals.reshape(len(centres), -1).mean(axis=1))
+        score = np.minimum(0.5 * (means[1] + means[2]), 0.5 * (means[3] + means[4])) - means[0]
+        idx = int(np.argmax(score))
+        if score[idx] > best[0]:
+            best = (float(score[idx]), centres[idx].copy(), n)
+    if best[0] <= plane.prominence_hu:
+        return plane
+    return DiscPlane(round(float(best[1][2])), best[1], best[2], best[0])

@@ -2,8 +2,10 @@
 
 Anchors, strongest first:
 
-- the sacrum: the caudal segment that is much larger (fused sacral vertebrae, alae) than the
-  mobile vertebrae above it; the segment above it is L5;
+- the sacrum: the caudal segment in contact with the iliac bones (the sacroiliac joints; the
+  segmenter reports ``iliac_contact_ml`` when it followed the bone below the caudal-most disc);
+  without that measurement, the caudal segment that is much larger (fused sacral vertebrae, alae)
+  than the mobile vertebrae above it. The segment above it is L5;
 - ribs: thoracic vertebrae carry ribs; the last rib-bearing vertebra is T12. Bone beside the
   lumbar spine low down is the iliac crest, not a rib, so rib evidence counts only for segments
   well above the sacrum;
@@ -30,6 +32,8 @@ RIB_EVIDENCE_ML = 1.5
 SACRUM_VOLUME_RATIO = 1.6
 #: Above this ratio the caudal segment is more likely L5 and the sacrum merged (unresolved disc).
 MERGED_VOLUME_RATIO = 2.0
+#: Bone of the caudal segment within 4 mm of the iliac bone (ml) that makes it the sacrum (sacroiliac joints).
+SACRUM_ILIAC_CONTACT_ML = 1.5
 
 
 @dataclass
@@ -78,7 +82,13 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
     anchors: list[str] = []
     warnings: list[str] = []
     ratio = _sacrum_ratio(features)
-    sacrum = ratio > SACRUM_VOLUME_RATIO
+    by_shape = "iliac_contact_ml" in features[-1] and bool(features[-1].get("sacral_checked", False))
+    if by_shape:
+        # Shape anchor: the sacrum articulates with both ilia; L5 (however large its transverse processes
+        # or a merged neighbour make it) does not.
+        sacrum = n >= 2 and features[-1]["iliac_contact_ml"] >= SACRUM_ILIAC_CONTACT_ML
+    else:
+        sacrum = ratio > SACRUM_VOLUME_RATIO
     rib_flags = [f["rib_bone_ml"] >= RIB_EVIDENCE_ML for f in features]
     # Ribs only count above the lowest four mobile segments when a sacrum is present (iliac crest).
     usable_rib = list(rib_flags)
@@ -107,7 +117,7 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
             anchors.append("ribs")
             if rib_names == names:
                 confidence = 0.95
-            elif ratio > MERGED_VOLUME_RATIO:
+            elif ratio > MERGED_VOLUME_RATIO and not by_shape:
                 confidence = 0.4
                 warnings.append(
                     f"anchors disagree and the caudal segment is {ratio:.1f}x a typical vertebra (L5 and sacrum "

@@ -96,6 +96,25 @@ def _min_extent_for_network(volume: Volume, spacing_mm: float) -> None:
         )
 
 
+def _shipped_weights_enabled_for_auto() -> bool:
+    """Whether the shipped ``vertebra_seg.json`` exists, parses and says ``"auto": true``.
+
+    An unreadable or missing description returns ``True`` so that :func:`load_model` runs and reports
+    the problem in its own words.
+    """
+    import json
+    from pathlib import Path
+
+    import needle_steering
+
+    cfg_path = Path(needle_steering.__file__).resolve().parent / "models" / "vertebra_seg.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return True
+    return not isinstance(config, dict) or bool(config.get("auto", False))
+
+
 def segment_volume(
     volume: Volume,
     backend: Backend = "auto",
@@ -132,6 +151,14 @@ def segment_volume(
     start = time.perf_counter()
     pre_warnings: list[str] = []
     model = None
+    if backend == "auto" and weights is None and not _shipped_weights_enabled_for_auto():
+        # The shipped description says "not for auto": do not import torch/MONAI and build the network
+        # (~3 s) only to discard it.
+        pre_warnings.append(
+            "auto backend: ran the classical backend (the shipped learned weights are not enabled for auto; "
+            "see needle_steering/models/MODEL_CARD.md)"
+        )
+        backend = "classical"
     if backend in ("learned", "auto"):
         from needle_steering.perception.learned import load_model
 

@@ -65,13 +65,64 @@ def test_real_ct_levels_and_dice(shared_data: Path) -> None:
     ident = level_identification(result.labels, ref, min_ref_voxels=int(5.0 / ref.voxel_volume_ml()))
     assert ident["accuracy"] == 1.0 and ident["shift"] == 0, ident["pairs"]
     scores = per_level_scores(result.labels, ref, min_ref_ml=5.0)
-    # Measured (centreline-profile discs): T12 0.74, L1 0.83, L2 0.85, L3 0.87, L4 0.89, L5 0.74, S 0.53
-    # (the sacrum below the last closed canal ring is not reached); the 0.85 target is met for L2-L4 only.
-    for level, floor in {"T12": 0.65, "L1": 0.75, "L2": 0.78, "L3": 0.8, "L4": 0.8, "L5": 0.65, "S": 0.45}.items():
+    # Measured (centreline-profile discs, re-fitted tilted L5/S1 disc, sacrum followed below the canal ring):
+    # T12 0.74, L1 0.83, L2 0.85, L3 0.87, L4 0.89, L5 0.82, S 0.60; the 0.85 target is met for L2-L4 only.
+    for level, floor in {"T12": 0.7, "L1": 0.79, "L2": 0.81, "L3": 0.83, "L4": 0.85, "L5": 0.77, "S": 0.55}.items():
         assert scores[level]["dice"] >= floor, (level, scores[level])
-    # One anchor (sacrum) only: the names are right but the result must still ask for verification.
+    # L5/S1 comes from the tilted disc, not from splitting a too-tall body.
+    assert not any("tall body" in w for w in result.warnings), result.warnings
+    # One anchor (sacrum, by its sacroiliac contact) only: the names are right but the result must still ask
+    # for verification.
+    assert result.anchors == ["sacrum"]
     assert result.level_confidence <= 0.6
     assert any("verify" in w for w in result.warnings)
+
+
+def test_sacrum_found_by_shape_below_the_canal_ring() -> None:
+    """L2-S phantom: the sacrum is followed below the last closed canal ring and anchors the names."""
+    phantom = generate_phantom(PhantomConfig(seed=105, spacing_mm=1.5, levels=("L2", "L3", "L4", "L5", "S")))
+    result = segment_volume(phantom.ct, backend="classical")
+    ident = level_identification(result.labels, phantom.labels)
+    assert all(ident["pairs"].get(name) == name for name in ("L2", "L3", "L4", "L5", "S")), ident["pairs"]
+    assert "sacrum" in result.anchors
+    scores = per_level_scores(result.labels, phantom.labels)
+    # Measured: L5 0.91, S 0.77 (before: every name shifted, S 0.0).
+    assert scores["S"]["dice"] >= 0.7 and scores["L5"]["dice"] >= 0.85, scores
+
+
+def test_sacrum_and_rib_anchors_agree_raise_confidence() -> None:
+    """T11-S phantom with ribs on T12 and above: both anchors agree, confidence 0.95."""
+    phantom = generate_phantom(PhantomConfig(seed=101, spacing_mm=1.5))
+    result = segment_volume(phantom.ct, backend="classical")
+    ident = level_identification(result.labels, phantom.labels)
+    assert ident["accuracy"] == 1.0, ident["pairs"]
+    assert set(result.anchors) == {"sacrum", "ribs"}
+    assert result.level_confidence >= 0.95
+
+
+def _feature(volume_ml: float, rib_ml: float = 0.0, iliac_ml: float = 0.0) -> dict[str, object]:
+    return {"volume_ml": volume_ml, "width_mm": 50.0, "rib_bone_ml": rib_ml, "touches_top": False,
+            "touches_bottom": False, "iliac_contact_ml": iliac_ml, "sacral_checked": True}
+
+
+def test_sacrum_anchor_needs_sacroiliac_contact() -> None:
+    """A big caudal segment without iliac contact (L5 + debris) is not taken for the sacrum."""
+    lumbar = [_feature(40.0) for _ in range(4)]
+    naming = assign_levels([_feature(40.0, rib_ml=4.0), *lumbar, _feature(90.0)])
+    assert "sacrum" not in naming.anchors and naming.names[0] == "T12" and naming.names[-1] == "L5"
+    naming = assign_levels([*lumbar, _feature(40.0), _feature(150.0, iliac_ml=20.0)])
+    assert naming.anchors == ["sacrum"] and naming.names[-2:] == ["L5", "S"]
+
+
+def test_disagreeing_anchors_lower_confidence_and_warn() -> None:
+    """Six mobile segments between the last rib and the sacrum (an L6, or a missed disc): never 0.95."""
+    segments = [_feature(40.0, rib_ml=4.0), *[_feature(40.0) for _ in range(6)], _feature(150.0, iliac_ml=20.0)]
+    naming = assign_levels(segments)
+    assert set(naming.anchors) == {"sacrum", "ribs"}
+    assert naming.confidence <= 0.4
+    assert any("anchors disagree" in w for w in naming.warnings)
+    agree = [_feature(40.0, rib_ml=4.0), *[_feature(40.0) for _ in range(5)], _feature(150.0, iliac_ml=20.0)]
+    assert assign_levels(agree).confidence >= 0.95
 
 
 def test_naming_without_anchors_is_flagged() -> None:
