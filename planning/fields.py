@@ -140,7 +140,9 @@ class LocalGrid:
 
     def lps_to_index(self, lps_mm: ArrayLike) -> NDArray[np.float64]:
         """LPS mm ``(..., 3)`` -> continuous grid indices ``(..., 3)``."""
-        return ((np.asarray(lps_mm, dtype=np.float64) - self.origin_lps_mm) @ self.axes) / self.spacing_mm
+        # einsum, not ``@``: a (N, 3) x (3, 3) product through BLAS is about 2x slower here
+        rel = np.asarray(lps_mm, dtype=np.float64) - self.origin_lps_mm
+        return np.einsum("...i,ij->...j", rel, self.axes) / self.spacing_mm
 
     def resample(self, volume: Volume, *, order: int, cval: float) -> NDArray[np.float32] | NDArray[np.uint8]:
         """Resample ``volume`` onto this grid (``order`` 0 for labels, 1 for intensities).

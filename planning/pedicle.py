@@ -34,8 +34,10 @@ Search (deterministic)
 ----------------------
 Trajectories are lines through a point of the isthmus section (offset ``a`` lateral, ``b``
 superior of the isthmus centre) with anatomical angles ``(transverse, sagittal)``; the entry is
-where the line leaves the bone going backwards from the isthmus. A coarse grid over the feasible
-cone around the pedicle axis is followed by a compass pattern search (batched, step halving) on
+where the line leaves the bone going backwards from the isthmus. A coarse grid (``search_grid``)
+over the isthmus window and the cone of ``cone_half_angle_deg`` around the pedicle axis (within the
+level's range) fixes the longest feasible length; the ``n_starts`` best distinct grid points at that
+length are each refined by a compass pattern search (batched, step halving) on
 ``(a, b, transverse, sagittal)`` maximising the density score at the chosen size.
 
 The *straight-ahead baseline* is the pedicle axis through the isthmus centre with the same size.
@@ -118,7 +120,11 @@ class PedicleOptions:
     max_entry_zone_mm: float = 10.0
     diameters_mm: tuple[float, ...] = SCREW_DIAMETERS_MM
     lengths_mm: tuple[float, ...] = SCREW_LENGTHS_MM
-    cone_half_angle_deg: float = 12.0
+    cone_half_angle_deg: float = 20.0
+    max_lateral_offset_mm: float = 3.0
+    max_cranial_offset_mm: float = 6.0
+    search_grid: tuple[int, int, int, int] = (4, 5, 6, 5)
+    n_starts: int = 3
     station_step_mm: float = 0.5
     sampling_margin_mm: float = 0.1
     grid_spacing_mm: float = 1.0
@@ -596,10 +602,12 @@ def _plan_side(
         radius = diameter / 2.0
         half_w = max(0.0, ped.width_mm / 2.0 - radius - opts.bone_clearance_mm)
         half_h = max(0.0, ped.height_mm / 2.0 - radius - opts.bone_clearance_mm)
-        aa = _grid(-min(half_w, 2.0), min(half_w, 2.0), 3)
-        bb = _grid(-min(half_h, 5.0), min(half_h, 5.0), 5)
-        tt = _grid(tr_lo, tr_hi, 5)
-        gg = _grid(sg_lo, sg_hi, 4)
+        na, nb, nt, ng = opts.search_grid
+        a_max, b_max = min(half_w, opts.max_lateral_offset_mm), min(half_h, opts.max_cranial_offset_mm)
+        aa = _grid(-a_max, a_max, na)
+        bb = _grid(-b_max, b_max, nb)
+        tt = _grid(tr_lo, tr_hi, nt)
+        gg = _grid(sg_lo, sg_hi, ng)
         x = np.array(np.meshgrid(aa, bb, tt, gg, indexing="ij")).reshape(4, -1).T
         x = np.vstack([[0.0, 0.0, search.t0, search.g0], x])
         ev = search.evaluate(x, radius)
@@ -610,8 +618,17 @@ def _plan_side(
         l_star = float(ev.length.max())
         cand = np.nonzero(ev.length >= l_star)[0]
         score, _ = search.density(ev.entry[cand], ev.dirs[cand], radius, l_star)
-        k0 = int(np.argmax(score))
-        x_best, _ = _pattern_search(search, x[cand[k0]], float(score[k0]), radius=radius, length=l_star)
+        # multi-start local refinement: the feasible set at the longest length is often a few
+        # disconnected pockets of the grid, so the best few distinct grid points are each refined
+        cell = np.array(
+            [max(float(np.ptp(v)), 1.0) / max(len(v) - 1, 1) for v in (aa, bb, tt, gg)], dtype=np.float64
+        )
+        starts = _distinct_starts(x[cand], score, cell, opts.n_starts)
+        x_best, f_best = x[cand[starts[0]]], -np.inf
+        for k0 in starts:
+            x_k, f_k = _pattern_search(search, x[cand[k0]], float(score[k0]), radius=radius, length=l_star)
+            if f_k > f_best + 1e-9:
+                x_best, f_best = x_k, f_k
         final = search.evaluate(x_best[None, :], radius)
         length = float(final.length[0])
         if length <= 0:  # cannot happen: pattern search only accepts feasible points
@@ -672,6 +689,25 @@ def _plan_side(
     worst = sorted(((v, k) for k, v in fail_counts.items() if v), reverse=True)[:3]
     detail = ", ".join(f"{k} ({v}/{n_last})" for v, k in worst)
     return f"no safe trajectory with a {min(tried)} mm screw; failing constraints: {detail}"
+
+
+def _distinct_starts(
+    x: NDArray[np.float64], score: NDArray[np.float64], cell: NDArray[np.float64], n: int
+) -> list[int]:
+    """Indices of up to ``n`` best-scoring rows of ``x`` (B, 4), pairwise more than one grid ``cell`` apart.
+
+    ``cell`` (4,) is the grid step of ``(a mm, b mm, transverse deg, sagittal deg)``; two rows are
+    neighbours when every parameter differs by at most one step (Chebyshev distance <= 1 cell).
+    Ties keep the lower index (deterministic).
+    """
+    order = np.argsort(-score, kind="stable")
+    chosen: list[int] = []
+    for k in order:
+        if all(np.max(np.abs(x[k] - x[j]) / cell) > 1.0 + 1e-9 for j in chosen):
+            chosen.append(int(k))
+            if len(chosen) >= n:
+                break
+    return chosen
 
 
 def _pattern_search(

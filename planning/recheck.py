@@ -16,7 +16,7 @@ import numpy as np
 from needle_steering.errors import PlanningError
 from needle_steering.perception import labels as ids
 from needle_steering.perception.volume import Volume
-from needle_steering.planning.pedicle import check_screw_against_mask
+from needle_steering.planning.pedicle import PedicleOptions, check_screw_against_mask
 from needle_steering.planning.plan_document import PlanDocument, volume_sha256
 
 #: Shortest and longest straight trajectory a drag may produce (mm).
@@ -93,7 +93,10 @@ def recheck_trajectory(
         metrics.update(predicted_grade=check.grade, breach_depth_mm=check.breach_depth_mm,
                        min_bone_clearance_mm=check.min_clearance_mm)
     clearance, structure = _critical_clearance_mm(labels, entry, tip)
-    margin = BIOPSY_MARGIN_MM + trajectory.diameter_mm / 2.0
+    # a pedicle screw keeps the planner's own hard rule (>= 2 mm of medial wall, so its surface stays
+    # >= 2 mm from the canal); 3 mm would refuse freshly planned screws that hug the medial wall
+    surface_margin = PedicleOptions().medial_clearance_mm if trajectory.kind == "pedicle_screw" else BIOPSY_MARGIN_MM
+    margin = surface_margin + trajectory.diameter_mm / 2.0
     if clearance < margin:
         raise PlanningError(
             f"{trajectory_id}: adjusted path passes {clearance:.1f} mm from the {structure} "

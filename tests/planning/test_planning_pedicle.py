@@ -251,3 +251,15 @@ def test_planned_screws_keep_their_clearance_at_quarter_mm_resolution() -> None:
         for side, ped in anat.pedicles.items():
             truth = case.meta["vertebrae"][level]["pedicles"][side]["width_mm"]
             assert abs(ped.width_mm - truth) <= 1.0, (level, side, ped.width_mm, truth)
+
+
+def test_multi_start_picks_distinct_best_grid_points() -> None:
+    """Refinement starts: best scores first, never two neighbouring grid cells, deterministic."""
+    from needle_steering.planning.pedicle import _distinct_starts
+
+    x = np.array([[0.0, 0.0, 10.0, 0.0], [0.5, 0.0, 10.0, 0.0], [0.0, 0.0, 20.0, 0.0], [2.0, 0.0, 10.0, 0.0]])
+    score = np.array([5.0, 4.9, 3.0, 3.0])
+    cell = np.array([1.0, 1.0, 5.0, 5.0])
+    starts = _distinct_starts(x, score, cell, 3)
+    assert starts == [0, 2, 3]  # row 1 neighbours row 0; ties keep the lower index
+    assert _distinct_starts(x, score, cell, 1) == [0]
