@@ -533,6 +533,12 @@ def _run(out_dir: Path, seed: int, started: float) -> int:
             15.0,
             "the scripted approvals to reach /plan/approvals",
         )
+        client.wait_for(
+            lambda: client.status.get("approvals_plan_sha256") == plan.sha256
+            and len(client.status.get("approved", [])) == len(plan.trajectories),
+            15.0,
+            "control_node to hold the approvals",
+        )
         summary["approvals"] = [
             {k: a.get(k) for k in ("trajectory_id", "trajectory_sha256", "surgeon_id", "client_id", "time_utc")}
             | {"scripted": True}

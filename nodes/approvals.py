@@ -252,6 +252,107 @@ class ApprovalStore:
         self._proposals.clear()
         return True
 
+    def restore(self, history: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Re-instate the decisions a previous run had in force for the current plan.
+
+        ``history`` is the previous run's verified audit log (:attr:`AuditLog.records_at_open`).
+        Decisions come back only when the previous run's last plan (its last ``plan_received``) is
+        the current plan: a restart must not revive anything an uninterrupted review node would
+        have voided. The records after that ``plan_received`` are replayed through the same rules
+        as live input (approve, reject, invalidate, drag proposals and the planner's verdicts, and
+        earlier restorations); every restored approval still binds the plan and trajectory hashes
+        and is re-validated against the current plan. The restoration itself is audited.
+
+        Returns:
+            Trajectory ids with a decision or an open proposal restored (empty: nothing to restore).
+
+        Raises:
+            ApprovalError: a replayed record does not match the current plan; nothing is restored
+                (and the refusal is audited), so the surgeon reviews again.
+        """
+        if self.plan is None:
+            return []
+        plan_sha = self.plan.sha256
+        starts = [n for n, rec in enumerate(history) if rec.get("event") == "plan_received"]
+        if not starts or history[starts[-1]].get("plan_sha256") != plan_sha:
+            return []
+        approvals: dict[str, ApprovalRecord] = {}
+        rejections: dict[str, ApprovalRecord] = {}
+        proposals: dict[str, _Proposal] = {}
+        try:
+            for rec in history[starts[-1] + 1 :]:
+                if rec.get("plan_sha256") != plan_sha:
+                    continue
+                self._replay(rec, approvals, rejections, proposals)
+        except (ApprovalError, KeyError, TypeError, ValueError) as exc:
+            reason = f"previous decisions not restored: {exc}"
+            self.audit.append({"event": "restore_refused", "plan_sha256": plan_sha, "reason": reason})
+            raise ApprovalError(reason) from None
+        ids = sorted({*approvals, *rejections, *proposals})
+        if not ids:
+            return []
+        self.audit.append(
+            {
+                "event": "decisions_restored",
+                "plan_sha256": plan_sha,
+                "approvals": [r.to_dict() for r in approvals.values()],
+                "rejections": [r.to_dict() for r in rejections.values()],
+                "proposals": [
+                    {"trajectory_id": p.trajectory_id, "entry_lps_mm": list(p.entry_lps_mm), "status": p.status,
+                     "reason": p.reason}
+                    for p in proposals.values()
+                ],
+            }
+        )  # fmt: skip
+        self._approvals, self._rejections, self._proposals = approvals, rejections, proposals
+        return ids
+
+    def _replay(
+        self,
+        rec: Mapping[str, Any],
+        approvals: dict[str, ApprovalRecord],
+        rejections: dict[str, ApprovalRecord],
+        proposals: dict[str, _Proposal],
+    ) -> None:
+        event = rec.get("event")
+        if event in DECISIONS:
+            record = self._checked_record(rec, f"audit record {rec.get('seq')}")
+            keep, drop = (approvals, rejections) if record.decision == "approve" else (rejections, approvals)
+            keep[record.trajectory_id] = record
+            drop.pop(record.trajectory_id, None)
+        elif event == "invalidate":
+            approvals.pop(str(rec["trajectory_id"]), None)
+            rejections.pop(str(rec["trajectory_id"]), None)
+        elif event == "adjust_proposed":
+            tid = self._trajectory(str(rec["trajectory_id"])).id
+            entry = tuple(float(v) for v in rec["entry_lps_mm"])
+            if len(entry) != 3 or not all(math.isfinite(v) for v in entry):
+                raise ApprovalError(f"audit record {rec.get('seq')}: bad entry_lps_mm {rec['entry_lps_mm']!r}")
+            proposals[tid] = _Proposal(tid, (entry[0], entry[1], entry[2]), "pending")
+        elif event == "adjust_rejected" and str(rec.get("trajectory_id")) in proposals:
+            proposal = proposals[str(rec["trajectory_id"])]
+            proposal.status, proposal.reason = "rejected by the planner", str(rec.get("reason", ""))
+        elif event == "decisions_restored":
+            for item in rec["approvals"]:
+                record = self._checked_record(item, f"audit record {rec.get('seq')}")
+                approvals[record.trajectory_id] = record
+            for item in rec["rejections"]:
+                record = self._checked_record(item, f"audit record {rec.get('seq')}")
+                rejections[record.trajectory_id] = record
+            for item in rec["proposals"]:
+                tid = self._trajectory(str(item["trajectory_id"])).id
+                e = tuple(float(v) for v in item["entry_lps_mm"])
+                proposals[tid] = _Proposal(tid, (e[0], e[1], e[2]), str(item["status"]), str(item.get("reason", "")))
+
+    def _checked_record(self, data: Mapping[str, Any], where: str) -> ApprovalRecord:
+        """An approval/rejection from the audit log, still bound to the current plan and trajectory."""
+        record = ApprovalRecord.from_dict(data, where)
+        traj = self._trajectory(record.trajectory_id)
+        assert self.plan is not None
+        if record.plan_sha256 != self.plan.sha256 or record.trajectory_sha256 != traj.sha256:
+            raise ApprovalError(f"{where}: {record.trajectory_id!r} is bound to other hashes than the current plan")
+        return record
+
     def note_rejected_input(self, source: str, reason: str) -> None:
         """Audit an input that was refused (malformed plan, bad feedback)."""
         self.audit.append({"event": "input_rejected", "source": source, "reason": reason})
@@ -372,18 +473,27 @@ class ApprovalStore:
         )
         return proposal
 
-    def proposal_result(self, trajectory_id: str, accepted: bool, reason: str) -> None:
-        """Record the planner's verdict on a proposal (a new plan arrives separately when accepted)."""
-        proposal = self._proposals.get(trajectory_id)
+    def proposal_result(
+        self, trajectory_id: str, accepted: bool, reason: str, plan_sha256: str | None = None, new_plan_sha256: str = ""
+    ) -> None:
+        """Record the planner's verdict on a proposal made on plan ``plan_sha256`` (default: the current plan).
+
+        An accepted adjustment arrives as a new plan, usually before its verdict; a verdict about
+        an earlier plan is audited but changes nothing (the new plan already voided every decision).
+        """
+        current = self.plan.sha256 if self.plan else None
+        about = plan_sha256 if plan_sha256 is not None else current
         self.audit.append(
             {
                 "event": "adjust_accepted" if accepted else "adjust_rejected",
-                "plan_sha256": self.plan.sha256 if self.plan else None,
+                "plan_sha256": about,
+                "new_plan_sha256": new_plan_sha256,
                 "trajectory_id": trajectory_id,
                 "reason": reason,
             }
         )
-        if proposal is not None and not accepted:
+        proposal = self._proposals.get(trajectory_id)
+        if about == current and proposal is not None and not accepted:
             proposal.status = "rejected by the planner"
             proposal.reason = reason
 

@@ -89,6 +89,8 @@ class AuditLog:
         if not os.fspath(path):
             raise AuditLogError("audit log path is empty")
         existing = read_audit_log(self.path)
+        #: The verified records that were already in the file when it was opened (a previous run's).
+        self.records_at_open: tuple[dict[str, Any], ...] = tuple(existing)
         self._seq = len(existing)
         self._prev = GENESIS
         if existing:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,7 +205,10 @@ def _stop_processes(procs: dict[str, subprocess.Popen[bytes]], timeout_s: float 
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            print(f"bringup: {name} did not stop within {timeout_s} s; killing it", file=sys.stderr, flush=True)
+            print(f"bringup: {name} did not stop within {timeout_s} s; its threads, then killing it", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            proc.send_signal(signal.SIGUSR1)  # faulthandler in run_node prints every thread's stack
+            time.sleep(1.0)
             proc.kill()
             code = proc.wait()
             status = status or 1

@@ -199,6 +199,8 @@ class ControlNode(Node):
         try:
             if rclpy.ok(context=self.context):
                 self._send_jv(HOLD)
+        except RuntimeError as exc:  # rclpy's RCLError: a signal shut the context down after the check
+            self.get_logger().warning(f"hold not sent at shutdown ({exc}); the driver's command timeout stops it")
         finally:
             self._audit.close()
 
@@ -221,6 +223,9 @@ class ControlNode(Node):
             "reason": self._reason,
             "estop_latched": self._estop_latched,
             "plan_sha256": self._plan.sha256 if self._plan else None,
+            # the decisions this node holds (what the gate will use), for the operator's display
+            "approvals_plan_sha256": self._approvals.plan_sha256 if self._approvals else None,
+            "approved": [r.trajectory_id for r in self._approvals.approvals] if self._approvals else [],
             "queue": list(run.queue) if run else [],
             "skipped": list(run.skipped) if run else [],
             "results": list(run.results) if run else self._last_results,
@@ -324,6 +329,8 @@ class ControlNode(Node):
             why = check_trajectory_still_approved(self._plan, approvals, run.current)
             if why:
                 self._halt("stopped", f"approval withdrawn during execution: {why}")
+                return
+        self._publish_status()
 
     @guarded
     def _on_estop(self, msg: Bool) -> None:

@@ -431,7 +431,8 @@ CONTROL = NodeInterface(
             "std_msgs/msg/String",
             "pub",
             "status",
-            'JSON {"state": idle|executing|done|stopped|fault, "trajectory", "reason", "phase", ...}',
+            'JSON {"state": idle|executing|done|stopped|fault, "trajectory", "reason", "phase", "plan_sha256", '
+            '"approvals_plan_sha256", "approved", ...}',
         ),
         Topic(CONTROL_TIP, "geometry_msgs/msg/PoseStamped", "pub", "sensor", "estimated needle tip", "patient"),
         Topic(

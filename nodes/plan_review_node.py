@@ -68,6 +68,8 @@ class PlanReviewNode(Node):
         self._group = MutuallyExclusiveCallbackGroup()
         self._pub_events = publisher(self, IFACE, f"{REVIEW_NS}/events")
         self._audit = AuditLog(params["audit_log"])
+        # a previous run's decisions, restored once if the first plan received is the plan it was reviewing
+        self._history: tuple[dict[str, Any], ...] | None = self._audit.records_at_open
         self.store = ApprovalStore(_AuditTap(self._audit, self), params["surgeon_id"])  # type: ignore[arg-type]
         self._state = MarkerServerState(REVIEW_NS)
         self._notes: dict[str, str] = {}
@@ -151,8 +153,22 @@ class PlanReviewNode(Node):
         if self.store.set_plan(plan):
             self._notes.clear()
             self._dragging.clear()
+            history, self._history = self._history, None
+            if history:
+                self._restore(history)
             self._refresh()
             self._publish_approvals()
+
+    def _restore(self, history: Sequence[dict[str, Any]]) -> None:
+        try:
+            restored = self.store.restore(history)
+        except ApprovalError as exc:
+            self.get_logger().error(f"{exc}; the plan must be reviewed again")
+            return
+        if restored:
+            self.get_logger().warning(
+                f"restored the previous run's decisions on this plan from {self._audit.path}: {', '.join(restored)}"
+            )
 
     @guarded
     def _on_feedback(self, fb: InteractiveMarkerFeedback) -> None:
@@ -209,15 +225,14 @@ class PlanReviewNode(Node):
             self.store.note_rejected_input(ADJUST_RESULT, str(exc))
             return
         traj_id = result.get("trajectory_id")
-        if (
-            self.store.plan is None
-            or result.get("plan_sha256") != self.store.plan.sha256
-            or not isinstance(traj_id, str)
-        ):
+        about = result.get("plan_sha256")
+        if self.store.plan is None or not isinstance(traj_id, str) or not isinstance(about, str):
             return
         accepted = result.get("accepted") is True
         reason = str(result.get("reason", ""))
-        self.store.proposal_result(traj_id, accepted, reason)
+        self.store.proposal_result(traj_id, accepted, reason, about, str(result.get("new_plan_sha256", "")))
+        if about != self.store.plan.sha256:
+            return  # a verdict on an earlier plan: audited, nothing to show
         if traj_id in {t.id for t in self.store.plan.trajectories}:
             self._notes[traj_id] = ("planner accepted: " if accepted else "planner rejected: ") + reason
             self._refresh([traj_id])

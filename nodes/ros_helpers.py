@@ -88,8 +88,13 @@ def run_node(factory: Callable[[], Node], argv: Sequence[str] | None = None, *, 
     a multi-threaded executor gives it no concurrency, and while the group is busy its ready
     subscriptions keep the dispatcher spinning, which takes CPU from the busy callback itself.
     """
+    import faulthandler
+    import signal
+
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # bringup asks for the stacks of a hung node
 
     rclpy.init(args=list(argv) if argv is not None else sys.argv)
     node: Node | None = None

@@ -146,6 +146,86 @@ def test_nodes_approvals_drag_voids_and_blocks_approval(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# restart: decisions restored from the audit log
+# --------------------------------------------------------------------------------------------------
+def _restarted(tmp_path: Path, plan: PlanDocument) -> tuple[ApprovalStore, list[str]]:
+    """A new store on the same audit log (a restarted review node) that receives ``plan`` first."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    store = ApprovalStore(log, "dr-who")
+    store.set_plan(plan)
+    return store, store.restore(log.records_at_open)
+
+
+def test_nodes_approvals_restart_restores_the_decisions_in_force(tmp_path: Path) -> None:
+    plan = _plan(ids=("A", "B", "C"))
+    store = _store(tmp_path)
+    store.set_plan(plan)
+    store.approve_all("/rviz/1")
+    store.decide("reject", "B", "/rviz/1")
+    store.propose("C", (1.0, 82.0, 0.0), "/rviz/1")
+    store.proposal_result("C", False, "breaches the cortex")
+    before = store.snapshot()
+    store.audit.close()
+
+    restored, ids = _restarted(tmp_path, plan)
+    assert ids == ["A", "B", "C"]
+    assert restored.snapshot() == before  # same records: hashes, surgeon, client, time
+    assert restored.decision_of("C") == "proposed"
+    with pytest.raises(ApprovalError, match="rejected by the planner"):
+        restored.decide("approve", "C", "/rviz/2")
+    assert check_execution(plan, restored.snapshot(), **GOOD).allowed is False  # B rejected, C dragged
+    restored.audit.close()
+
+    # a second restart replays the first restoration and what followed it
+    again, ids = _restarted(tmp_path, plan)
+    assert ids == ["A", "B", "C"] and again.snapshot() == before
+    events = [r["event"] for r in read_audit_log(tmp_path / "audit.jsonl")]
+    assert events.count("decisions_restored") == 2
+
+
+def test_nodes_approvals_restart_never_revives_voided_decisions(tmp_path: Path) -> None:
+    plan_a, plan_b = _plan(0.0), _plan(5.0)
+    store = _store(tmp_path)
+    store.set_plan(plan_a)
+    store.approve_all("/rviz/1")
+    store.set_plan(plan_b)  # plan A's approvals are void; B was under review at shutdown
+    store.audit.close()
+    restored, ids = _restarted(tmp_path, plan_a)  # A comes back after the restart
+    assert ids == [] and restored.snapshot() == ApprovalSet(plan_a.sha256)
+    restored.audit.close()
+
+    # an approval followed by a drag (invalidate) comes back as voided
+    folder = tmp_path / "drag"
+    folder.mkdir()
+    store = _store(folder)
+    store.set_plan(plan_a)
+    store.approve_all("/rviz/1")
+    store.invalidate("A", "entry dragged", "/rviz/1")
+    store.audit.close()
+    restored, ids = _restarted(folder, plan_a)
+    assert ids == ["B"] and restored.decision_of("A") == "undecided"
+
+
+def test_nodes_approvals_restore_refuses_records_bound_to_other_hashes(tmp_path: Path) -> None:
+    plan = _plan()
+    store = _store(tmp_path)
+    store.set_plan(plan)
+    store.approve_all("/rviz/1")
+    # a record whose trajectory hash does not match (written by a buggy or older tool, chain intact)
+    bad = store.snapshot().approvals[0].to_dict()  # type: ignore[union-attr]
+    bad["trajectory_sha256"] = "0" * 64
+    store.audit.append({"event": "approve", **bad})
+    store.audit.close()
+    log = AuditLog(tmp_path / "audit.jsonl")
+    restored = ApprovalStore(log, "dr-who")
+    restored.set_plan(plan)
+    with pytest.raises(ApprovalError, match="bound to other hashes"):
+        restored.restore(log.records_at_open)
+    assert restored.snapshot() == ApprovalSet(plan.sha256)  # nothing restored: review again
+    assert read_audit_log(tmp_path / "audit.jsonl")[-1]["event"] == "restore_refused"
+
+
+# --------------------------------------------------------------------------------------------------
 # gate
 # --------------------------------------------------------------------------------------------------
 def _approved(tmp_path: Path, plan: PlanDocument) -> ApprovalSet:

@@ -42,7 +42,7 @@ from needle_steering.nodes import core_adapters
 from needle_steering.nodes.audit import read_audit_log
 from needle_steering.nodes.qos import qos
 from needle_steering.perception.volume import Volume
-from needle_steering.planning.plan_document import ImageInfo, PlanDocument, Trajectory, save_plan
+from needle_steering.planning.plan_document import ImageInfo, PlanDocument, Trajectory, load_plan, save_plan
 
 pytestmark = pytest.mark.ros
 REPO = Path(__file__).resolve().parents[2]
@@ -97,7 +97,9 @@ class User:
         self.approvals: dict[str, Any] = {}
         self.joints: list[tuple[float, float]] = []
         self.review_events: list[dict[str, Any]] = []
+        self.plan_text = ""
         n = self.node
+        n.create_subscription(String, "/plan/document", self._on_plan, qos("latched"))
         n.create_subscription(String, "/control/status", lambda m: self._json(m, "status"), qos("status"))
         n.create_subscription(String, "/plan/approvals", lambda m: self._json(m, "approvals"), qos("latched"))
         n.create_subscription(String, "/plan_review/events", self._on_event, qos("events"))
@@ -111,6 +113,9 @@ class User:
         # our own malformed-input test publishes garbage on /plan/approvals
         with contextlib.suppress(json.JSONDecodeError):
             setattr(self, attr, json.loads(msg.data))
+
+    def _on_plan(self, msg: String) -> None:
+        self.plan_text = msg.data
 
     def _on_event(self, msg: Any) -> None:
         self.review_events.append(json.loads(msg.data))
@@ -183,20 +188,28 @@ class User:
             self.feedback.publish(fb)
             self.spin(0.05)
 
-    def load_plan(self, plan_file: Path, plan: PlanDocument) -> None:
+    def load_plan(self, plan_file: Path, plan: PlanDocument, control_gets_approvals: bool = True) -> None:
         result = self.set_param("planning_node", "plan_file", str(plan_file))
         assert result.successful, result.reason
         response = self.trigger("/planning/plan")
         assert response.success, response.message
         self.wait_for(
-            lambda: self.approvals.get("plan_sha256") == plan.sha256 and self.status.get("plan_sha256") == plan.sha256,
+            lambda: self.approvals.get("plan_sha256") == plan.sha256
+            and self.status.get("plan_sha256") == plan.sha256
+            and (self.status.get("approvals_plan_sha256") == plan.sha256 or not control_gets_approvals),
             10.0,
-            "plan to reach review and control",
+            "plan and its (empty) approvals to reach review and control",
         )
 
     def approve_all(self, plan: PlanDocument) -> None:
         self.menu(plan.trajectories[0].id, 3)
-        self.wait_for(lambda: len(self.approvals.get("approvals", [])) == len(plan.trajectories), 5.0, "approvals")
+        ids = sorted(t.id for t in plan.trajectories)
+        self.wait_for(
+            lambda: sorted(self.status.get("approved", [])) == ids
+            and sorted(a["trajectory_id"] for a in self.approvals.get("approvals", [])) == ids,
+            5.0,
+            "approvals to reach control",
+        )
 
     def inserted_mm(self) -> float:
         return self.joints[-1][1] if self.joints else 0.0
@@ -210,50 +223,73 @@ class User:
             assert response.success, response.message
 
 
+class Bringup:
+    """``needle-steering bringup`` of some of sim.yaml's nodes in a subprocess (own session, own log)."""
+
+    def __init__(self, folder: Path, name: str, only: tuple[str, ...]) -> None:
+        self.folder, self.name, self.only = folder, name, only
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        args = [
+            sys.executable, "-m", "needle_steering.nodes.bringup", "--config", str(REPO / "config" / "sim.yaml"),
+            # The needle-model twin: these tests are about the gate, approvals and stops. The PyBullet
+            # twin is exercised over DDS in test_nodes_twin_pybullet.py and in the end-to-end demo test.
+            "--set", "sim_node.backend=kinematic",
+            "--set", f"plan_review_node.audit_log={self.folder / 'review.jsonl'}",
+            "--set", f"control_node.audit_log={self.folder / 'control.jsonl'}",
+            "--set", "control_node.insertion_speed_mm_s=15.0",
+        ]  # fmt: skip
+        for node in self.only:
+            args += ["--only", node]
+        self.starts += 1
+        with (self.folder / f"{self.name}-{self.starts}.log").open("wb") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return (self.folder / f"{self.name}-{self.starts}.log").read_text(errors="replace")[-3000:]
+
+    def stop(self) -> int:
+        """SIGINT (bringup stops its nodes), kill the session if it hangs; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        return int(self.proc.returncode)
+
+
+_REVIEW: dict[str, Bringup] = {}
+
+
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[User, Path]]:
-    """bringup (subprocess) + a user node; yields the user and the audit folder."""
+    """The sim.yaml graph (two bringups: the review node alone, so a test can restart it) + a user node."""
     folder = tmp_path_factory.mktemp("dds")
-    args = [
-        sys.executable,
-        "-m",
-        "needle_steering.nodes.bringup",
-        "--config",
-        str(REPO / "config" / "sim.yaml"),
-        # The needle-model twin: these tests are about the gate, approvals and stops. The PyBullet
-        # twin (whose anatomy meshing runs for ~20 s beside the graph) is exercised over DDS in
-        # test_nodes_twin_pybullet.py and in the end-to-end demo test.
-        "--set",
-        "sim_node.backend=kinematic",
-        "--set",
-        f"plan_review_node.audit_log={folder / 'review.jsonl'}",
-        "--set",
-        f"control_node.audit_log={folder / 'control.jsonl'}",
-        "--set",
-        "control_node.insertion_speed_mm_s=15.0",
-    ]
-    log = (folder / "bringup.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+    main = Bringup(folder, "bringup", ("perception_node", "planning_node", "control_node", "sim_node"))
+    review = Bringup(folder, "review", ("plan_review_node",))
+    _REVIEW["review"] = review
+    main.start()
+    review.start()
     rclpy.init()
     user = User()
     try:
         user.wait_for(lambda: bool(user.status), 30.0, "first /control/status from bringup")
-        assert proc.poll() is None, (folder / "bringup.log").read_text()
+        assert main.alive(), main.log()
+        assert review.alive(), review.log()
         yield user, folder
     finally:
         user.node.destroy_node()
         rclpy.shutdown()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        log.close()
-    assert proc.returncode == 0, (
-        f"bringup exited with {proc.returncode}:\n{(folder / 'bringup.log').read_text()[-3000:]}"
-    )
+        statuses = {b.name: b.stop() for b in (review, main)}
+    assert statuses == {"review": 0, "bringup": 0}, (statuses, main.log(), review.log())
 
 
 def _events(folder: Path, name: str) -> list[dict[str, Any]]:
@@ -301,6 +337,7 @@ def test_nodes_dds_approve_and_execute_reaches_targets(graph: tuple[User, Path],
         5.0,
         "one approval and one rejection",
     )
+    user.wait_for(lambda: user.status.get("approved") == ["L3-biopsy"], 5.0, "the approval to reach control")
     record = user.approvals["approvals"][0]
     assert record["plan_sha256"] == plan.sha256
     assert record["trajectory_sha256"] == plan.trajectory("L3-biopsy").sha256
@@ -386,6 +423,77 @@ def test_nodes_dds_drag_after_approval_invalidates(graph: tuple[User, Path], tmp
     user.wait_for(lambda: any(e.get("event") == "adjust_rejected" for e in user.review_events), 5.0, "planner verdict")
 
 
+def test_nodes_dds_accepted_drag_publishes_a_rechecked_plan(graph: tuple[User, Path]) -> None:
+    """Planned on the phantom, a dragged entry is re-checked and re-graded by planning_node: a new
+    plan (new hashes) replaces the approved one, every approval is void until given again."""
+    user, folder = graph
+    user.idle()
+    for name, value in (("plan_file", ""), ("levels", "L3")):
+        result = user.set_param("planning_node", name, value)
+        assert result.successful, result.reason
+    response = user.call(Trigger, "/planning/plan", timeout=120.0)
+    assert response.success, response.message
+    user.wait_for(
+        lambda: bool(user.plan_text) and str(user.approvals.get("plan_sha256")) in user.plan_text, 15.0, "the plan"
+    )
+    plan = load_plan(user.plan_text)
+    assert {t.id for t in plan.trajectories} == {"L3-left", "L3-right"}
+    user.approve_all(plan)
+    screw = plan.trajectory("L3-left")
+    entry, tip = np.asarray(screw.entry_lps_mm), np.asarray(screw.tip_lps_mm)
+    moved = entry + 1.0 * (tip - entry) / np.linalg.norm(tip - entry)  # 1 mm deeper along its own axis
+    user.drag("L3-left", (float(moved[0]), float(moved[1]), float(moved[2])))
+    user.wait_for(
+        lambda: user.approvals.get("plan_sha256") not in (None, plan.sha256) and plan.sha256 not in user.plan_text,
+        30.0,
+        "the re-checked plan",
+    )
+    adjusted = load_plan(user.plan_text)
+    new_screw = adjusted.trajectory("L3-left")
+    assert np.allclose(new_screw.entry_lps_mm, moved, atol=1e-3) and new_screw.tip_lps_mm == screw.tip_lps_mm
+    assert new_screw.metrics["adjusted_in_review"] is True and new_screw.metrics["predicted_grade"] == "A"
+    assert new_screw.length_mm == pytest.approx(screw.length_mm - 1.0, abs=1e-3)
+    assert adjusted.trajectory("L3-right").sha256 == plan.trajectory("L3-right").sha256
+    assert user.approvals["approvals"] == []  # the new plan hash voids both decisions
+    refused = user.trigger("/control/execute")
+    assert not refused.success and "not approved" in refused.message, refused.message
+    user.wait_for(lambda: any(e.get("event") == "adjust_accepted" for e in user.review_events), 5.0, "the verdict")
+    verdicts = [e for e in _events(folder, "review.jsonl") if e["event"] == "adjust_accepted"]
+    assert verdicts and verdicts[-1]["plan_sha256"] == plan.sha256 and verdicts[-1]["trajectory_id"] == "L3-left"
+    user.approve_all(adjusted)
+    record = next(a for a in user.approvals["approvals"] if a["trajectory_id"] == "L3-left")
+    assert record["plan_sha256"] == adjusted.sha256 and record["trajectory_sha256"] == new_screw.sha256
+
+
+def test_nodes_dds_review_node_restart_restores_approvals(graph: tuple[User, Path], tmp_path: Path) -> None:
+    """plan_review_node restarts (crash, operator restart): the decisions on the plan it was
+    reviewing come back from its audit log, unchanged, and still gate execution."""
+    user, folder = graph
+    user.idle()
+    plan_file, plan = write_plan(tmp_path, "restart")
+    user.load_plan(plan_file, plan)
+    user.approve_all(plan)
+    before = dict(user.approvals)
+    review = _REVIEW["review"]
+    assert review.stop() == 0, review.log()
+    user.approvals = {}
+    review.start()
+    user.wait_for(
+        lambda: user.approvals.get("plan_sha256") == plan.sha256 and len(user.approvals["approvals"]) == 2,
+        30.0,
+        "the restarted review node to republish the approvals",
+    )
+    assert user.approvals == before  # same records: hashes, surgeon, RViz client, decision times
+    restored = [e for e in _events(folder, "review.jsonl") if e["event"] == "decisions_restored"]
+    assert restored and restored[-1]["plan_sha256"] == plan.sha256
+    assert "restored the previous run's decisions" in review.log()
+    user.wait_for(lambda: len(user.status.get("approved", [])) == 2, 10.0, "control to hold the restored approvals")
+    response = user.trigger("/control/execute")
+    assert response.success, response.message
+    user.wait_for(lambda: user.status.get("state") in ("done", "stopped", "fault"), 60.0, "execution to end")
+    assert user.status["state"] == "done", user.status
+
+
 def _start_and_wait_inserting(user: User, plan: PlanDocument, min_mm: float) -> None:
     response = user.trigger("/control/execute")
     assert response.success, response.message
@@ -468,8 +576,10 @@ def test_nodes_dds_malformed_inputs_are_refused_with_reasons(graph: tuple[User, 
     # a bad parameter is refused with the reason; every node still answers
     result = user.set_param("control_node", "insertion_speed_mm_s", 500.0)
     assert not result.successful and "500" in result.reason
-    user.load_plan(plan_file, plan)  # same plan again: the graph recovers
-    assert not user.trigger("/control/execute").success  # approvals were wiped by the garbage: fail closed
+    # same plan again: the graph recovers, but the review node (same plan) does not republish, so
+    # control's approvals stay wiped by the garbage: fail closed
+    user.load_plan(plan_file, plan, control_gets_approvals=False)
+    assert not user.trigger("/control/execute").success
     try:
         core_adapters.require_segmentation()
     except core_adapters.CoreUnavailableError as exc:

@@ -381,6 +381,11 @@ def test_nodes_twin_pybullet_dds_reaches_approved_targets(graph: tuple[User, Pat
         fb.event_type, fb.menu_entry_id = InteractiveMarkerFeedback.MENU_SELECT, 1
         user.feedback.publish(fb)
     user.wait_for(lambda: len(user.approvals.get("approvals", [])) == 2, 10.0, "two approvals")
+    user.wait_for(
+        lambda: user.status.get("plan_sha256") == plan.sha256 and len(user.status.get("approved", [])) == 2,
+        10.0,
+        "the plan and both approvals to reach control_node",
+    )
     n_js = len(user.joint_states)
     response = user.call(Trigger, "/control/execute")
     assert response.success, response.message
