@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from needle_steering.errors import NeedleSteeringError
+from needle_steering.sim.twin import frames
 
 if TYPE_CHECKING:
     from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion, TransformStamped
@@ -105,21 +106,7 @@ def check_rigid(T: ArrayLike, name: str = "T") -> FloatArray:
 
 def quaternion_xyzw_from_matrix(R: ArrayLike) -> FloatArray:
     """Unit quaternion ``(x, y, z, w)`` with ``w >= 0`` of a 3x3 rotation matrix."""
-    m = np.asarray(R, dtype=np.float64)
-    trace = float(m[0, 0] + m[1, 1] + m[2, 2])
-    if trace > 0.0:
-        s = math.sqrt(trace + 1.0) * 2.0
-        q = np.array([(m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s, 0.25 * s])
-    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
-        s = math.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2]) * 2.0
-        q = np.array([0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s, (m[2, 1] - m[1, 2]) / s])
-    elif m[1, 1] > m[2, 2]:
-        s = math.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2]) * 2.0
-        q = np.array([(m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s, (m[0, 2] - m[2, 0]) / s])
-    else:
-        s = math.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1]) * 2.0
-        q = np.array([(m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s, (m[1, 0] - m[0, 1]) / s])
-    q = q / np.linalg.norm(q)
+    q = frames.quaternion_xyzw(R)
     return -q if q[3] < 0 else q
 
 
@@ -136,14 +123,7 @@ def matrix_from_quaternion_xyzw(q_xyzw: ArrayLike) -> FloatArray:
     norm = float(np.linalg.norm(q))
     if abs(norm - 1.0) > _QUATERNION_NORM_TOL:
         raise ConversionError(f"quaternion norm is {norm:.6g}, expected 1 (x, y, z, w = {q.tolist()})")
-    x, y, z, w = q / norm
-    return np.array(
-        [
-            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-        ]
-    )
+    return frames.rotation_from_quaternion_xyzw(q)
 
 
 def pose_matrix(position: ArrayLike, q_xyzw: ArrayLike) -> FloatArray:
@@ -158,11 +138,7 @@ def pose_matrix(position: ArrayLike, q_xyzw: ArrayLike) -> FloatArray:
 
 def invert_rigid(T: ArrayLike) -> FloatArray:
     """Inverse of a rigid 4x4 transform (``T_b_from_a`` -> ``T_a_from_b``)."""
-    arr = check_rigid(T)
-    out = np.eye(4)
-    out[:3, :3] = arr[:3, :3].T
-    out[:3, 3] = -arr[:3, :3].T @ arr[:3, 3]
-    return out
+    return frames.invert(check_rigid(T))
 
 
 def frame_with_z_axis(origin: ArrayLike, z_axis: ArrayLike) -> FloatArray:
