@@ -137,13 +137,18 @@ def _write_params(folder: Path, config: dict[str, dict[str, Any]], names: Sequen
     return params_file
 
 
-def run_bringup(config_path: str, overrides: Sequence[str] = (), only: Sequence[str] = ()) -> int:
+def run_bringup(
+    config_path: str, overrides: Sequence[str] = (), only: Sequence[str] = (), single_process: bool = False
+) -> int:
     """Start the node graph of ``config_path``, one process per node, until SIGINT/SIGTERM.
 
     Like ``ros2 launch``: every node runs its own console-script entry point in its own process
     (``python -m needle_steering.nodes.<name> --ros-args --params-file ...``), so a busy node cannot
     starve another through the GIL and a crash stays in its process. When any node exits on its
     own, the rest are stopped too: a control stack with a missing node must not keep running.
+
+    ``single_process=True`` runs every node in this process on one ``MultiThreadedExecutor``
+    instead (fewer processes, shared GIL: a busy node delays the others' callbacks).
 
     Returns:
         0 when stopped by a signal and every node shut down cleanly; otherwise the first non-zero
@@ -152,6 +157,8 @@ def run_bringup(config_path: str, overrides: Sequence[str] = (), only: Sequence[
     path = find_config(config_path)
     config = load_config(path, overrides)
     names = _graph_names(path, config, only)
+    if single_process:
+        return _run_in_this_process(path, config, names)
     stop = threading.Event()
 
     def _request_stop(signum: int, frame: object) -> None:
@@ -186,6 +193,40 @@ def run_bringup(config_path: str, overrides: Sequence[str] = (), only: Sequence[
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return status
+
+
+def _run_in_this_process(path: Path, config: dict[str, dict[str, Any]], names: Sequence[str]) -> int:
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    with tempfile.TemporaryDirectory(prefix="needle_steering_bringup_") as tmp:
+        params_file = _write_params(Path(tmp), config, names)
+        rclpy.init(args=["--ros-args", "--params-file", str(params_file)])
+        nodes: list[Node] = []
+        try:
+            factories = _factories()
+            for name in names:
+                nodes.append(factories[name]())
+            executor = MultiThreadedExecutor(num_threads=4)
+            for node in nodes:
+                executor.add_node(node)
+            domain = os.environ.get("ROS_DOMAIN_ID", "0")
+            print(f"bringup: {', '.join(names)} running in one process (pid {os.getpid()}) from {path} "
+                  f"(ROS_DOMAIN_ID={domain})", file=sys.stderr, flush=True)  # fmt: skip
+            executor.spin()
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+        finally:
+            for node in reversed(nodes):  # close() holds the robot, stops threads, closes audit logs
+                try:
+                    close = getattr(node, "close", None)
+                    if callable(close):
+                        close()
+                finally:
+                    node.destroy_node()
+            if rclpy.ok():
+                rclpy.shutdown()
+    return 0
 
 
 def _die_with_parent() -> None:
@@ -294,11 +335,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=NODE_ORDER,
         help="start only these nodes (repeatable)",
     )
+    parser.add_argument(
+        "--single-process",
+        action="store_true",
+        help="run every node in this process on one MultiThreadedExecutor (default: one process per node)",
+    )
 
 
 def _handler(args: argparse.Namespace) -> int:
     try:
-        return run_bringup(args.config, args.set, args.only)
+        return run_bringup(args.config, args.set, args.only, args.single_process)
     except BringupError as exc:
         print(f"bringup: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

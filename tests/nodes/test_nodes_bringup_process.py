@@ -26,10 +26,10 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
-def _start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+def _start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
     log_path = tmp_path / "bringup.log"
     args = [
-        sys.executable, "-m", "needle_steering.nodes.bringup", "--config", str(REPO / "config" / "sim.yaml"),
+        sys.executable, "-m", "needle_steering.nodes.bringup", "--config", str(REPO / "config" / "sim.yaml"), *extra,
         "--only", "control_node", "--only", "sim_node",
         "--set", "sim_node.backend=kinematic",
         "--set", f"control_node.audit_log={tmp_path / 'control.jsonl'}",
@@ -39,7 +39,8 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int], Pat
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     end = time.monotonic() + 30.0
     while time.monotonic() < end:
-        match = re.search(r"bringup: (.*) running from", log_path.read_text(errors="replace"))
+        text = log_path.read_text(errors="replace")
+        match = re.search(r"bringup: (.*) running (?:in one process \(pid \d+\) )?from", text)
         if match:
             pids = {name: int(pid) for name, pid in re.findall(r"(\w+) \(pid (\d+)\)", match.group(1))}
             return proc, pids, log_path
@@ -110,3 +111,18 @@ def test_no_node_outlives_a_killed_bringup(tmp_path: Path) -> None:
         for pid in pids.values():
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_single_process_bringup_runs_and_stops_cleanly(tmp_path: Path) -> None:
+    """``--single-process``: every node in the bringup process on one MultiThreadedExecutor."""
+    proc, pids, log_path = _start(tmp_path, "--single-process")
+    try:
+        assert pids == {}  # no child processes
+        assert re.search(r"bringup: control_node, sim_node running in one process", log_path.read_text())
+        _wait_ready(proc, log_path)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
