@@ -391,6 +391,12 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # Fill cancellous holes slice by slice, but never the canal or dark (fat/CSF) holes.
     filled = _fill_cancellous(spine_bone, hu, canal)
     spine_bone = ndimage.binary_closing(filled, iterations=1) & roi & ~canal
+    # Osteoporotic bodies at fine spacing: cancellous bone below the (fine-grid) threshold leaves an open
+    # cortical shell that hole filling cannot close. Axial slices through a disc also cut the endplates of
+    # both neighbours: the fill is taken back near the disc planes once they are known.
+    shell_fill = _fill_open_bodies(spine_bone, hu, canal, track, spacing) if spacing <= 1.6 else None
+    if shell_fill is not None:
+        spine_bone |= shell_fill
 
     # Vertebral bodies: the bone column in front of the canal, eroded once so that the discs
     # (and their partial-volume rims) separate it into one 3-D component per body.
@@ -411,7 +417,13 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         # sacrum is in view) was sampled nearly axially although the sacral slope tilts it 20-50 degrees.
         planes[0] = _refine_disc(hu, planes[0], spacing, k_half_mm=9.0, j_range_mm=(-10.0, 25.0),
                                  tilt_deg=CAUDAL_DISC_TILT_DEG)
-    if len(planes) >= 2:
+    # One clear disc is enough to cut a short field of view (two partial vertebrae around one disc).
+    use_planes = len(planes) >= 2 or (len(planes) == 1 and planes[0].prominence_hu >= 2 * DISC_PROMINENCE_HU)
+    if shell_fill is not None and planes and shell_fill.any():
+        near_disc = shell_fill & ~_cut_at_planes(shell_fill, planes, spacing, half_gap_mm=DISC_HALF_MM)
+        spine_bone &= ~near_disc
+        column &= ~near_disc
+    if use_planes:
         # The whole column (not the eroded one, which falls apart in hollow coarse bodies) between the planes.
         eroded = _cut_at_planes(column, planes, spacing)
         index = _plane_index(bone.shape, planes)
@@ -440,7 +452,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # A body component much taller than its neighbours holds two bodies whose disc did not
     # separate (bridging osteophytes, a tilted disc at coarse spacing): split it at the weakest
     # cross-section near its middle.
-    heights = np.array([_height_along_planes(mask, planes) if len(planes) >= 2 else float(b - a)
+    heights = np.array([_height_along_planes(mask, planes) if use_planes else float(b - a)
                         for a, b, mask in bodies])
     typical = float(np.median(heights))
     typical_voxels = float(np.median([int(m.sum()) for _a, _b, m in bodies]))
@@ -486,7 +498,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
             discs.append(int(a))
     n_seg = len(split)
     interval_of: dict[int, int] | None = None
-    if len(planes) >= 2:
+    if use_planes:
         interval_of = {n: int(np.median(index[markers == n])) for n in range(1, n_seg + 1)}
     # In an axial slice through a body, the bone connected to it in that slice (pedicles,
     # laminae, transverse processes: the ring around the canal) belongs to it: seed that first,
@@ -545,6 +557,61 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     return remap[segments], [int(d) for d in discs], warnings, body_k, (None if sacral is None else sacral[2])
 
 
+#: A body slice is an open cortical shell when bone lies within 2 mm of at least this fraction of the
+#: boundary of its convex hull (discs and scattered debris cover much less of it).
+SHELL_COVERAGE = 0.6
+#: Lateral half-width and anterior extent (mm) of the body region in front of the canal examined for shells.
+BODY_SHELL_BOX_MM = (35.0, 55.0)
+#: Half-thickness (mm) of the slab around a disc plane where the shell fill is not kept.
+DISC_HALF_MM = 4.0
+
+
+def _fill_open_bodies(spine_bone: NDArray[np.bool_], hu: NDArray[Any], canal: NDArray[np.bool_],
+                      track: NDArray[np.float64], spacing: float) -> NDArray[np.bool_]:
+    """Interior of vertebral bodies whose cortical shell is open in an axial slice (cancellous bone too dark).
+
+    Per slice, the bone of ``spine_bone`` in front of the canal (at least 6 mm anterior of the canal centre,
+    within :data:`BODY_SHELL_BOX_MM`; the shell may be broken into pieces) is replaced by its convex hull when
+    bone covers at least :data:`SHELL_COVERAGE` of the hull's boundary and the hull is at least 1.5x the bone's
+    area. Canal and voxels
+    darker than :data:`MAX_CANAL_HU` (fat) are never added.
+
+    Args:
+        spine_bone: Spine bone on the working grid ``(I, J, K)``.
+        hu: Intensities, same grid.
+        canal: Canal mask, same grid.
+        track: ``(K, 2)`` canal centre per slice (voxel units, NaN where none).
+        spacing: Isotropic voxel size, mm.
+
+    Returns:
+        bool mask of the voxels to add (same grid).
+    """
+    from skimage.morphology import convex_hull_image
+
+    add = np.zeros(spine_bone.shape, bool)
+    lat, ant = (round(v / spacing) for v in BODY_SHELL_BOX_MM)
+    near = max(1, round(2.0 / spacing))
+    for k in np.nonzero(np.isfinite(track[:, 0]))[0]:
+        ci, cj = round(track[k, 0]), round(track[k, 1])
+        i0, i1 = max(0, ci - lat), min(spine_bone.shape[0], ci + lat + 1)
+        j0, j1 = max(0, cj - ant), max(0, min(spine_bone.shape[1], cj - round(6.0 / spacing)))
+        if i1 - i0 < 3 or j1 - j0 < 3:
+            continue
+        sl = spine_bone[i0:i1, j0:j1, k]
+        if sl.sum() * spacing * spacing < 100.0:
+            continue
+        part = sl
+        hull = convex_hull_image(part)
+        if hull.sum() < 1.5 * part.sum():
+            continue
+        rim = hull & ~ndimage.binary_erosion(hull)
+        covered = rim & ndimage.binary_dilation(part, iterations=near)
+        if covered.sum() < SHELL_COVERAGE * rim.sum():
+            continue
+        add[i0:i1, j0:j1, k] = hull & ~part & (hu[i0:i1, j0:j1, k] > MAX_CANAL_HU) & ~canal[i0:i1, j0:j1, k]
+    return add
+
+
 def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
               body_k: list[tuple[int, int]], *, spine_margin_vox: int = 0,
               iliac: NDArray[np.bool_] | None = None) -> list[dict[str, Any]]:
@@ -561,9 +628,7 @@ def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
     near_iliac = None
     if iliac is not None and iliac.any():
         near_iliac = ndimage.binary_dilation(iliac, iterations=max(1, round(4.0 / spacing)))
-    spine_any = seg > 0
-    if spine_margin_vox:
-        spine_any = ndimage.binary_dilation(spine_any, iterations=spine_margin_vox)
+    ribs = _rib_evidence(seg, bone, result.canal_track_ijk, spacing, exclude=iliac, margin_vox=spine_margin_vox)
     for s in range(1, n + 1):
         mask = seg == s
         ks = np.nonzero(mask.any(axis=(0, 1)))[0]
@@ -572,18 +637,6 @@ def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
         # and tilt make the whole segment overlap its neighbours).
         b_lo, b_hi = body_k[s - 1]
         k_mid = (b_lo + b_hi) // 2
-        ci, cj = result.canal_track_ijk[k_mid]
-        # Rib evidence: bone beside the vertebra, outside the spine mask, in the slices it spans.
-        rib_vox = 0
-        if np.isfinite(ci):
-            i0 = int(max(0, ci - 110 / spacing))
-            i1 = int(min(seg.shape[0], ci + 110 / spacing))
-            j0 = int(max(0, cj - 45 / spacing))
-            j1 = int(min(seg.shape[1], cj + 40 / spacing))
-            box = bone[i0:i1, j0:j1, b_lo:b_hi] & ~spine_any[i0:i1, j0:j1, b_lo:b_hi]
-            ii = np.arange(i0, i1)[:, None, None]
-            lateral = (np.abs(ii - ci) * spacing >= 40) & (np.abs(ii - ci) * spacing <= 75)
-            rib_vox = int((box & lateral).sum())
         width_mm = float(np.ptp(np.nonzero(mask[:, :, k_mid])[0]) * spacing) if mask[:, :, k_mid].any() else 0.0
         feats.append({
             "segment": s,
@@ -593,7 +646,10 @@ def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
             "body_k_range": (b_lo, b_hi - 1),
             "body_height_mm": float((b_hi - b_lo) * spacing),
             "width_mm": width_mm,
-            "rib_bone_ml": float(rib_vox * spacing**3 / 1000.0),
+            "rib_bone_ml": ribs[s - 1]["rib_ml"],
+            "rib_sides": ribs[s - 1]["rib_sides"],
+            "rib_reach_mm": ribs[s - 1]["rib_reach_mm"],
+            "rib_cut_sides": ribs[s - 1]["rib_cut_sides"],
             "touches_top": bool(k_hi >= seg.shape[2] - 2),
             "touches_bottom": bool(k_lo <= 1),
             "mean_hu": float(hu[mask].mean()),
@@ -602,6 +658,143 @@ def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
             "sacral_checked": iliac is not None,
         })
     return feats
+
+
+#: Articulated-rib test (level naming): a rib is bone outside every vertebra segment that comes within
+#: :data:`RIB_CONTACT_MM` of one segment (the costovertebral / costotransverse joints, or the cut where the
+#: watershed stopped taking a rib that passes through the spine ROI) and runs laterally to at least
+#: :data:`RIB_MIN_REACH_MM` from the canal, :data:`RIB_MIN_RUN_MM` beyond its contact.
+RIB_CONTACT_MM = 3.0
+RIB_MIN_REACH_MM = 65.0
+RIB_MIN_RUN_MM = 15.0
+#: A stub cut by the field of view: contact at least this lateral of the canal (beside the body/transverse
+#: process, not the spinous process) and running this far laterally beyond it (mm).
+RIB_CUT_MIN_CONTACT_MM = 15.0
+RIB_CUT_MIN_RUN_MM = 10.0
+#: Bone components larger than this (ml, inside the rib search box) are pelvis/shoulder, not one rib.
+RIB_MAX_COMPONENT_ML = 60.0
+#: Half-width / anterior / posterior margins (mm) of the in-plane box around the canal track searched for ribs.
+RIB_BOX_MM = (110.0, 80.0, 80.0)
+
+
+def _rib_evidence(seg: NDArray[np.int32], bone: NDArray[np.bool_], track: NDArray[np.float64], spacing: float, *,
+                  exclude: NDArray[np.bool_] | None = None, margin_vox: int = 0) -> list[dict[str, Any]]:
+    """Ribs articulating with each segment (1..n): volume, sides and lateral reach.
+
+    Args:
+        seg: Segments on the working grid ``(I, J, K)`` (0 background, 1..n).
+        bone: Thresholded bone, same grid.
+        track: ``(K, 2)`` canal centre per slice (voxel units, NaN where none).
+        spacing: Isotropic voxel size, mm.
+        exclude: Bone that is known not to be rib (the iliac bone beside the sacrum): components touching
+            it are dropped.
+        margin_vox: Shell (voxels) around the segments that is not rib either (thresholded bone hugging a
+            tighter learned spine mask); the contact distance grows by it.
+
+    Returns:
+        Per segment ``{"rib_ml", "rib_sides", "rib_reach_mm", "rib_cut_sides"}``: volume (ml) of the rib
+        components outside the segments that articulate with it, the number of sides (0-2) with such a rib,
+        the largest lateral distance (mm) from the canal reached by them, and the number of sides with a
+        rib-like stub leaving the field of view through its first/last slice (too short to tell a rib from a
+        transverse process).
+    """
+    n = int(seg.max())
+    out: list[dict[str, Any]] = [{"rib_ml": 0.0, "rib_sides": 0, "rib_reach_mm": 0.0, "rib_cut_sides": 0}
+                                 for _ in range(n)]
+    if n == 0:
+        return out
+    lat, ant, post = RIB_BOX_MM
+    box = _track_box(seg.shape, _fill_track(track, max_gap_slices=seg.shape[2]), spacing,
+                     lateral_mm=lat, anterior_mm=ant, posterior_mm=post)
+    s = seg[box]
+    spine = s > 0
+    if margin_vox:
+        spine = ndimage.binary_dilation(spine, iterations=margin_vox)
+    cand = bone[box] & ~spine
+    lab, n_comp = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
+    if n_comp == 0:
+        return out
+    voxel_ml = spacing**3 / 1000.0
+    comp_ml = np.bincount(lab.ravel(), minlength=n_comp + 1) * voxel_ml
+    if (comp_ml[1:] > RIB_MAX_COMPONENT_ML).any():
+        # Noise (CBCT) or touching neighbours bridge ribs into one large component: open it once and
+        # look at its parts again.
+        big = np.isin(lab, np.nonzero(comp_ml[1:] > RIB_MAX_COMPONENT_ML)[0] + 1)
+        lab[big] = 0
+        parts, n_parts = ndimage.label(ndimage.binary_opening(big), structure=np.ones((3, 3, 3), bool))
+        lab[parts > 0] = parts[parts > 0] + n_comp
+        n_comp += n_parts
+        comp_ml = np.bincount(lab.ravel(), minlength=n_comp + 1) * voxel_ml
+    bad = comp_ml > RIB_MAX_COMPONENT_ML
+    if exclude is not None:
+        near_ex = ndimage.binary_dilation(exclude[box], iterations=1)
+        bad[np.unique(lab[near_ex & (lab > 0)])] = True
+    bad[0] = True
+    # Lateral distance (mm) from the canal of each candidate voxel; slices without a track use the nearest one.
+    filled = _fill_track(track, max_gap_slices=seg.shape[2])
+    ks = np.arange(seg.shape[2])
+    ok = np.isfinite(filled[:, 0])
+    if not ok.any():
+        return out
+    ci = np.interp(ks, ks[ok], filled[ok, 0])[box[2]]
+    idx = np.nonzero(lab)
+    comp = lab[idx]
+    di = ((idx[0] + box[0].start) - ci[idx[2]]) * spacing
+    keep = ~bad[comp]
+    idx = tuple(a[keep] for a in idx)
+    comp, di = comp[keep], di[keep]
+    if comp.size == 0:
+        return out
+    # Contact: the segment label within RIB_CONTACT_MM (both the highest and the lowest label there).
+    half = max(1, round(RIB_CONTACT_MM / spacing)) + margin_vox
+    # Filter only the segments' bounding box grown by the contact distance (nothing else can touch them).
+    seg_box = ndimage.find_objects((s > 0).astype(np.int8))[0]
+    sub = tuple(slice(max(0, b.start - half), min(dim, b.stop + half)) for b, dim in zip(seg_box, s.shape, strict=True))
+    no_label = np.iinfo(np.int32).max
+    hi_sub = ndimage.maximum_filter(s[sub], size=2 * half + 1)
+    lo_sub = ndimage.minimum_filter(np.where(s[sub] > 0, s[sub], no_label), size=2 * half + 1)
+    hi = np.zeros(s.shape, np.int32)
+    lo = np.full(s.shape, no_label, np.int32)
+    hi[sub] = hi_sub
+    lo[sub] = lo_sub
+    side = (di > 0).astype(np.int64)  # 1 = patient left (+i)
+    # Per (component, side): the segment with the most contact voxels, the contact's lateral distance.
+    key = comp * 2 + side
+    n_key = 2 * (n_comp + 1)
+    contact_votes = np.zeros((n_key, n + 1), np.int64)
+    contact_lat = np.full(n_key, np.inf)
+    absdi = np.abs(di)
+    for labels_near in (hi[idx], lo[idx]):
+        touching = (labels_near > 0) & (labels_near <= n)
+        np.add.at(contact_votes, (key[touching], labels_near[touching]), 1)
+        np.minimum.at(contact_lat, key[touching], absdi[touching])
+    reach = np.zeros(n_key)
+    np.maximum.at(reach, key, absdi)
+    vol = np.bincount(key, minlength=n_key) * voxel_ml
+    # Components leaving the volume through its first or last slice (cut by the field of view).
+    cut_fov = np.zeros(n_key, bool)
+    edge = (idx[2] == 0) | (idx[2] == s.shape[2] - 1)
+    cut_fov[key[edge]] = True
+    for kk in np.nonzero(contact_votes.sum(axis=1))[0]:
+        owner = int(np.argmax(contact_votes[kk]))
+        if owner == 0:
+            continue
+        if reach[kk] < RIB_MIN_REACH_MM or reach[kk] - contact_lat[kk] < RIB_MIN_RUN_MM:
+            # A rib's neck leaving the field of view before it reaches the rib cage: articulated beside the
+            # body or transverse process and running laterally out of the image. Weak evidence only (a
+            # transverse process cut by the same edge looks alike).
+            if (cut_fov[kk] and contact_lat[kk] >= RIB_CUT_MIN_CONTACT_MM
+                    and reach[kk] - contact_lat[kk] >= RIB_CUT_MIN_RUN_MM):
+                out[owner - 1].setdefault("_cut", set()).add(int(kk % 2))
+            continue
+        entry = out[owner - 1]
+        entry["rib_ml"] += float(vol[kk])
+        entry["rib_reach_mm"] = max(entry["rib_reach_mm"], float(reach[kk]))
+        entry.setdefault("_sides", set()).add(int(kk % 2))
+    for entry in out:
+        entry["rib_sides"] = len(entry.pop("_sides", ()))
+        entry["rib_cut_sides"] = len(entry.pop("_cut", ()))
+    return out
 
 
 def _body_centreline(column: NDArray[np.bool_], spacing: float, sigma_mm: float = 6.0) -> NDArray[np.float64]:
@@ -732,6 +925,7 @@ def _profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], ta
             k = int(ks[p])
             candidates.append(DiscPlane(k, np.array([centre[k, 0], centre[k, 1], float(k)]), tangent[k].copy(),
                                         float(prom)))
+    candidates = _with_endplates(candidates, profile, spacing)
     # Clear minima (twice the threshold) are discs. A shallow one (a cancellous minimum inside a
     # body, a vessel) counts only where it does not cut a body shorter than 3/4 of the typical
     # spacing of the clear discs.
@@ -746,6 +940,47 @@ def _profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], ta
         if all(abs(cand.k - a.k) >= 0.75 * typical for a in accepted):
             accepted.append(cand)
     return sorted(accepted, key=lambda c: c.k)
+
+
+#: A disc candidate much shallower than the typical one (this fraction of the median prominence) must be
+#: flanked by endplates: on both sides within :data:`ENDPLATE_SEARCH_MM`, a profile maximum above the
+#: run's median by :data:`ENDPLATE_EXCESS` of the spread between the median and the 95th percentile.
+WEAK_DISC_FRACTION = 0.5
+ENDPLATE_SEARCH_MM = 10.0
+ENDPLATE_EXCESS = 0.15
+
+
+def _with_endplates(candidates: list[DiscPlane], profile: NDArray[np.float64], spacing: float) -> list[DiscPlane]:
+    """Drop weak disc candidates that have no bright endplate on either side.
+
+    A dip of the centreline profile inside a body (cancellous bone darker in the middle, a vascular
+    channel) or inside the sacrum (no endplates, bone darker than the mobile bodies) has the shape of a
+    shallow minimum but not the bright cortical endplates of a disc; degenerate or wide discs that score a
+    low prominence in the +-8 mm window keep their endplates.
+
+    Args:
+        candidates: Profile minima.
+        profile: ``(K,)`` mean HU per slice (NaN where no centre).
+        spacing: Isotropic voxel size, mm.
+    """
+    if len(candidates) < 3:
+        return candidates
+    median_prom = float(np.median([c.prominence_hu for c in candidates]))
+    values = profile[np.isfinite(profile)]
+    level = float(np.median(values))
+    need = level + ENDPLATE_EXCESS * (float(np.percentile(values, 95)) - level)
+    reach = max(2, round(ENDPLATE_SEARCH_MM / spacing))
+    kept = []
+    for cand in candidates:
+        if cand.prominence_hu >= WEAK_DISC_FRACTION * median_prom:
+            kept.append(cand)
+            continue
+        below = profile[max(0, cand.k - reach): cand.k]
+        above = profile[cand.k + 1: cand.k + reach + 1]
+        sides = [float(np.nanmax(side)) if np.isfinite(side).any() else -np.inf for side in (below, above)]
+        if min(sides) >= need:
+            kept.append(cand)
+    return kept
 
 
 #: Bone this far (mm) lateral of the lumbosacral disc centre, or this far anterior of it, is pelvis

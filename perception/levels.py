@@ -6,9 +6,13 @@ Anchors, strongest first:
   segmenter reports ``iliac_contact_ml`` when it followed the bone below the caudal-most disc);
   without that measurement, the caudal segment that is much larger (fused sacral vertebrae, alae)
   than the mobile vertebrae above it. The segment above it is L5;
-- ribs: thoracic vertebrae carry ribs; the last rib-bearing vertebra is T12. Bone beside the
-  lumbar spine low down is the iliac crest, not a rib, so rib evidence counts only for segments
-  well above the sacrum;
+- ribs: thoracic vertebrae carry ribs; the last rib-bearing vertebra is T12. The segmenter reports
+  ``rib_sides``: ribs that articulate with the segment (bone outside the spine within 3 mm of it,
+  running laterally to >= 65 mm from the canal; a short floating 12th rib counts, a lumbar transverse
+  process and the iliac crest do not). Segments cut by the top of the field of view neither start
+  nor break the rib run (their rib heads may lie above it); the anchor needs the vertebra below the
+  last rib-bearing one in view (not a sliver). Bone beside the lumbar spine low down is the iliac
+  crest, not a rib, so rib evidence counts only for segments well above the sacrum;
 - without either anchor the names come from a weak prior (the caudal-most complete segment is
   taken as L5) and the confidence says so: labels are never shifted silently.
 
@@ -28,6 +32,9 @@ from needle_steering.perception.labels import STANDARD_ORDER, level_id
 
 #: Minimum bone beside a vertebra (ml) that counts as a rib pair.
 RIB_EVIDENCE_ML = 1.5
+#: A segment cut by the bottom of the field of view needs this much body height (mm) in view to count as
+#: rib-free (the segment below the last rib-bearing one).
+MIN_RIBLESS_BODY_MM = 10.0
 #: A caudal segment this much larger than the typical vertebra is taken as the sacrum.
 SACRUM_VOLUME_RATIO = 1.6
 #: Above this ratio the caudal segment is more likely L5 and the sacrum merged (unresolved disc).
@@ -58,6 +65,14 @@ def _sacrum_ratio(features: list[dict[str, Any]]) -> float:
     return float(features[-1]["volume_ml"] / max(float(np.median(others)), 1e-6))
 
 
+def _bears_ribs(feature: dict[str, Any]) -> bool:
+    """Rib evidence of one segment: an articulated rib on either side (``rib_sides`` from the segmenter's
+    articulation test), else at least :data:`RIB_EVIDENCE_ML` of bone beside it (``rib_bone_ml``)."""
+    if "rib_sides" in feature:
+        return int(feature["rib_sides"]) >= 1
+    return float(feature["rib_bone_ml"]) >= RIB_EVIDENCE_ML
+
+
 def _names_from_anchor(n: int, anchor_index: int, anchor_name: str) -> list[str]:
     pos = STANDARD_ORDER.index(anchor_name)
     names = []
@@ -74,7 +89,9 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
     """Name segments described by ``features`` (as produced by the classical segmenter).
 
     Each feature dict holds ``volume_ml``, ``width_mm``, ``rib_bone_ml``, ``touches_top``,
-    ``touches_bottom``; the list runs cranial -> caudal.
+    ``touches_bottom``; optionally ``rib_sides`` / ``rib_cut_sides`` (articulation test; without them
+    ``rib_bone_ml >= RIB_EVIDENCE_ML`` is the rib flag), ``body_height_mm``, ``iliac_contact_ml`` and
+    ``sacral_checked``. The list runs cranial -> caudal.
     """
     n = len(features)
     if n == 0:
@@ -89,7 +106,8 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
         sacrum = n >= 2 and features[-1]["iliac_contact_ml"] >= SACRUM_ILIAC_CONTACT_ML
     else:
         sacrum = ratio > SACRUM_VOLUME_RATIO
-    rib_flags = [f["rib_bone_ml"] >= RIB_EVIDENCE_ML for f in features]
+    rib_flags = [_bears_ribs(f) for f in features]
+    articulated = all("rib_sides" in f for f in features)
     # Ribs only count above the lowest four mobile segments when a sacrum is present (iliac crest).
     usable_rib = list(rib_flags)
     if sacrum:
@@ -97,15 +115,27 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
             usable_rib[i] = False
     # Ribs form a run from the cranial end; a run that starts lower down is the iliac crest (or
     # a rib-like artefact) and does not anchor anything. A run covering every segment is ambiguous.
+    # Segments cut by the top of the field of view may show no rib because their rib heads lie above it:
+    # they neither start nor break the run.
     last_rib: int | None = None
     evidence = [f["rib_bone_ml"] for f in features]
-    if usable_rib and usable_rib[0]:
-        run_end = 0
-        # The lowest ribs slope caudally into the slices of the next vertebra: a much weaker
-        # signal right below a rib-bearing level is that spill-over, not a rib pair of its own.
-        while run_end + 1 < n and usable_rib[run_end + 1] and evidence[run_end + 1] >= 0.6 * evidence[run_end]:
+    first = 0
+    while first < n - 1 and not usable_rib[first] and features[first].get("touches_top", False):
+        first += 1
+    if usable_rib and usable_rib[first]:
+        run_end = first
+        # Without the articulation test (bone beside the body only), the lowest ribs slope caudally into the
+        # slices of the next vertebra: a much weaker signal right below a rib-bearing level is that
+        # spill-over, not a rib pair of its own. Articulated ribs need no such guard (a floating 12th rib
+        # may be much shorter than the 11th).
+        while run_end + 1 < n and usable_rib[run_end + 1] and (
+                articulated or evidence[run_end + 1] >= 0.6 * evidence[run_end]):
             run_end += 1
-        if run_end < n - 1:
+        below = features[run_end + 1] if run_end + 1 < n else None
+        # The vertebra below must be seen well enough to say it has no ribs (its rib heads would lie at its
+        # upper body, next to the pedicles).
+        if below is not None and (not below.get("touches_bottom", False)
+                                  or float(below.get("body_height_mm", np.inf)) >= MIN_RIBLESS_BODY_MM):
             last_rib = run_end
     rib_names = _names_from_anchor(n, last_rib, "T12") if last_rib is not None else None
     if sacrum:
@@ -138,8 +168,9 @@ def assign_levels(features: list[dict[str, Any]]) -> LevelAssignment:
         confidence = 0.6
         warnings.append("no sacrum in the field of view: levels counted from the last rib-bearing vertebra (T12)")
     else:
-        if rib_flags[-1]:
-            # Every segment carries ribs: all thoracic, the lowest taken as T12 (the commonest FOV).
+        if rib_flags[-1] or int(features[-1].get("rib_cut_sides", 0)) >= 1:
+            # Every segment carries ribs (or the caudal one a rib-like stub cut by the field of view): all
+            # thoracic, the lowest taken as T12 (the commonest FOV).
             names = _names_from_anchor(n, n - 1, "T12")
             prior = "rib-bearing vertebrae only, the caudal-most taken as T12"
         else:
