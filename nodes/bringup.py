@@ -4,7 +4,8 @@ The config is an ordinary ROS 2 parameter file (``<node_name>: ros__parameters: 
 same file the launch files pass to each node. Bringup starts every node named in it (in the
 order perception, planning, review, control, sim), each in its own process as the launch files
 do, and shuts all of them down on SIGINT/SIGTERM or when any one of them exits.
-:func:`start_graph` runs the same graph inside the calling process instead (the demo).
+``--single-process`` runs them all in the bringup process on one ``MultiThreadedExecutor``;
+:func:`start_graph_process` starts bringup as a child process (the demo).
 
 Before anything starts, the file is checked against the interface table: unknown nodes or
 parameters and out-of-range values stop bringup with the reason (exit status 2).
