@@ -52,6 +52,9 @@ class SpineSegments:
         disc_k: Slice indices of the detected discs.
         features: Per segment (index 1..n): measurements used for naming.
         warnings: Human-readable caveats.
+        sacrum_candidate: ``(segment, mask)``: the segment grown below the caudal-most disc and the voxels
+            (bool, working grid) that complete it as a sacrum (wide closing across fatty marrow, the rim
+            that the surface peel took). Apply with :meth:`complete_sacrum` once naming calls it the sacrum.
     """
 
     work: Volume
@@ -61,6 +64,15 @@ class SpineSegments:
     disc_k: list[int]
     features: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    sacrum_candidate: tuple[int, NDArray[np.bool_]] | None = None
+
+    def complete_sacrum(self, names: list[str | None]) -> None:
+        """Add :attr:`sacrum_candidate`'s voxels (background only) when ``names`` (per segment 1..n) call it "S"."""
+        if self.sacrum_candidate is None:
+            return
+        label, mask = self.sacrum_candidate
+        if 1 <= label <= len(names) and names[label - 1] == "S":
+            self.segments[mask & (self.segments == 0)] = label
 
 
 def to_lps_grid(volume: Volume, spacing_mm: float, default: float) -> Volume:
@@ -317,7 +329,7 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     box = _track_box(hu.shape, track, spacing, lateral_mm=SPINE_BOX_LATERAL_MM, anterior_mm=75.0, posterior_mm=75.0)
     offset = np.array([box[0].start, box[1].start], float)
     disc_box = None if disc is None else np.asarray(disc, bool)[box]
-    seg_box, disc_k, warnings, body_k, iliac_box = _split_vertebrae(
+    seg_box, disc_k, warnings, body_k, iliac_box, sacrum_extra = _split_vertebrae(
         hu[box], bone[box], canal[box], track - offset, spacing, rim_hu=rim_hu,
         disc=disc_box, peel=spine_bone is None,
     )
@@ -328,14 +340,75 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
         iliac = np.zeros(hu.shape, bool)
         iliac[box] = iliac_box
     result = SpineSegments(work, segments, canal, track, disc_k, warnings=warnings)
+    if sacrum_extra is not None:
+        extra = np.zeros(hu.shape, bool)
+        extra[box] = sacrum_extra[1]
+        result.sacrum_candidate = (sacrum_extra[0], extra)
     # With a precomputed (tighter) spine mask, thresholded bone hugging the vertebrae (partial volume,
     # process tips) is not rib evidence: exclude a 4 mm shell around the spine.
+    rib_owner = np.zeros(hu.shape, np.int32)
     result.features = _features(result, hu, thresholded, body_k,
                                 spine_margin_vox=0 if spine_bone is None else max(1, round(4.0 / spacing)),
-                                iliac=iliac)
+                                iliac=iliac, rib_owner=rib_owner)
+    # Naming features are measured first (volumes with the rib necks, as calibrated); then the rib necks that
+    # the watershed carried into their vertebra are given back.
+    removed = _trim_ribs(result.segments, rib_owner, track, spacing)
+    if removed is not None:
+        result.segments[removed] = 0
     return result
 
 
+#: Bone of a rib-bearing vertebra more lateral than this (mm from the canal centre) and connected there to
+#: its articulated rib is rib (neck and shaft inside the spine ROI), not vertebra. The T11/T12 transverse
+#: processes end within ~25 mm of the midline (the 11th/12th ribs have no costotransverse joint).
+RIB_TRIM_LATERAL_MM = 25.0
+
+
+def _trim_ribs(seg: NDArray[np.int32], rib_owner: NDArray[np.int32], track: NDArray[np.float64],
+               spacing: float) -> NDArray[np.bool_] | None:
+    """Rib bone inside the segments: the part beyond :data:`RIB_TRIM_LATERAL_MM` connected to an articulated rib.
+
+    Args:
+        seg: Segments on the working grid ``(I, J, K)`` (0 background, 1..n).
+        rib_owner: Same grid: the owning segment at the voxels of the articulated ribs outside the segments.
+        track: ``(K, 2)`` canal centre per slice (voxel units, NaN where none).
+        spacing: Isotropic voxel size, mm.
+
+    Returns:
+        bool mask (same grid) of the segment voxels to remove, or None when there is no rib.
+    """
+    if not rib_owner.any():
+        return None
+    filled = _fill_track(track, max_gap_slices=seg.shape[2])
+    ks = np.arange(seg.shape[2])
+    ok = np.isfinite(filled[:, 0])
+    if not ok.any():
+        return None
+    ci = np.interp(ks, ks[ok], filled[ok, 0])
+    remove = np.zeros(seg.shape, bool)
+    step = max(1, round(RIB_CONTACT_MM / spacing))
+    for owner in np.unique(rib_owner[rib_owner > 0]):
+        rib = rib_owner == owner
+        box = ndimage.find_objects(rib.astype(np.int8))[0]
+        grown_box = tuple(slice(max(0, b.start - step - 1), min(n, b.stop + step + 1))
+                          for b, n in zip(box, seg.shape, strict=True))
+        di = (np.arange(grown_box[0].start, grown_box[0].stop)[:, None, None]
+              - ci[None, None, grown_box[2]]) * spacing
+        lateral = np.abs(di) > RIB_TRIM_LATERAL_MM
+        own = (seg[grown_box] == owner) & lateral
+        if not own.any():
+            continue
+        near_rib = ndimage.binary_dilation(rib[grown_box], iterations=step)
+        parts, _n_parts = ndimage.label(own, structure=np.ones((3, 3, 3), bool))
+        hit = np.unique(parts[near_rib & (parts > 0)])
+        hit = hit[hit > 0]
+        if hit.size:
+            remove[grown_box] |= np.isin(parts, hit)
+    return remove if remove.any() else None
+
+
+#: Closing radius (mm) that bridges the sacrum's cortices across its fatty marrow and foramina.
+SACRUM_CLOSING_MM = 9.0
 #: Half-width (mm) of the in-plane box around the canal track that the body separation works in.
 SPINE_BOX_LATERAL_MM = 95.0
 #: 2-D (in-plane) connectivity for per-slice operations done on the whole stack at once.
@@ -376,7 +449,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
                      track: NDArray[np.float64], spacing: float, *, rim_hu: float,
                      disc: NDArray[np.bool_] | None = None, peel: bool = True,
                      ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]],
-                                NDArray[np.bool_] | None]:
+                                NDArray[np.bool_] | None, tuple[int, NDArray[np.bool_]] | None]:
     from skimage.segmentation import watershed
 
     warnings: list[str] = []
@@ -525,6 +598,8 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     if sacral is not None:
         markers[sacral[2] & (markers == 0)] = iliac_label
     segments = np.zeros(bone.shape, np.int32)
+    sacrum_extra: NDArray[np.bool_] | None = None
+    sacrum_label = 0
     objs = ndimage.find_objects(flood_bone.astype(np.int8))
     if objs and objs[0] is not None:
         # On the bone's bounding box (one voxel of background around it keeps the distances exact).
@@ -538,23 +613,46 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         values, counts = np.unique(markers[sacral[0]], return_counts=True)
         sacrum_label = int(values[np.argmax(counts)])
         sac = segments == sacrum_label
+        allowed = (hu > MAX_CANAL_HU) & ~canal & ~sacral[2]
         grown = ndimage.binary_closing(sac, iterations=max(1, round(3.0 / spacing)))
         grown = ndimage.binary_fill_holes(grown, structure=_SLICE_STRUCTURE)
-        segments[grown & (segments == 0) & (hu > MAX_CANAL_HU) & ~canal & ~sacral[2]] = sacrum_label
+        segments[grown & (segments == 0) & allowed] = sacrum_label
+        sac = segments == sacrum_label
+        sac_obj = ndimage.find_objects(sac.astype(np.int8))
+        if sac_obj and sac_obj[0] is not None:
+            # Fatty sacral marrow (20-80 HU in older patients) leaves wide gaps between the cortices: a closing
+            # of SACRUM_CLOSING_MM (on the sacrum's box, padded so that the closing is not cut by its edge).
+            # Kept aside: added only when naming confirms the segment is the sacrum (a grown L5 would touch the
+            # iliac bone and fake the sacrum anchor).
+            it = max(1, round(SACRUM_CLOSING_MM / spacing))
+            sb = tuple(slice(max(0, o.start - it - 1), min(n, o.stop + it + 1))
+                       for o, n in zip(sac_obj[0], sac.shape, strict=True))
+            wide = np.zeros(sac.shape, bool)
+            wide[sb] = ndimage.binary_fill_holes(
+                ndimage.binary_closing(np.pad(sac[sb], it), iterations=it)[it:-it, it:-it, it:-it],
+                structure=_SLICE_STRUCTURE)
+            sacrum_extra = wide & (segments == 0) & allowed
     if spacing <= 1.6 and peel:
         # The threshold that keeps thin cortex connected puts the surface ~half a voxel outside the
         # bone (partial volume): peel the outer rim where it is darker than the cortex mid-level.
+        # The sacrum's thin cortex over fatty marrow is darker than the cortex mid-level all along: what the peel
+        # takes from it is given back once naming confirms the sacrum.
         for _ in range(2):
             solid = segments > 0
             rim = solid & ~ndimage.binary_erosion(solid)
-            segments[rim & (hu < rim_hu)] = 0
+            peeled = rim & (hu < rim_hu)
+            if sacrum_extra is not None:
+                sacrum_extra |= peeled & (segments == sacrum_label)
+            segments[peeled] = 0
     # Order cranial -> caudal (k increases superiorly): reverse the caudal-first numbering.
     order = sorted(range(1, n_seg + 1), key=lambda s: -float(np.nonzero(markers == s)[2].mean()))
     remap = np.zeros(n_seg + 1, np.int32)
     for new, old in enumerate(order, start=1):
         remap[old] = new
     body_k = [(int(split[old - 1][0]), int(split[old - 1][1])) for old in order]
-    return remap[segments], [int(d) for d in discs], warnings, body_k, (None if sacral is None else sacral[2])
+    extra = None if sacrum_extra is None or not sacrum_extra.any() else (int(remap[sacrum_label]), sacrum_extra)
+    return (remap[segments], [int(d) for d in discs], warnings, body_k, (None if sacral is None else sacral[2]),
+            extra)
 
 
 #: A body slice is an open cortical shell when bone lies within 2 mm of at least this fraction of the
@@ -614,8 +712,12 @@ def _fill_open_bodies(spine_bone: NDArray[np.bool_], hu: NDArray[Any], canal: ND
 
 def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
               body_k: list[tuple[int, int]], *, spine_margin_vox: int = 0,
-              iliac: NDArray[np.bool_] | None = None) -> list[dict[str, Any]]:
+              iliac: NDArray[np.bool_] | None = None,
+              rib_owner: NDArray[np.int32] | None = None) -> list[dict[str, Any]]:
     """Per segment: volume, height, body width, rib evidence, sacroiliac contact, position.
+
+    ``rib_owner`` (optional int32, working grid) receives the owning segment at the voxels of the
+    articulated ribs found outside the segments (see :func:`_rib_evidence`).
 
     ``iliac`` (bool, working grid) is the pelvic bone that competed with the sacrum below the caudal-most
     disc; ``iliac_contact_ml`` is the segment's bone within 4 mm of it (the sacroiliac joints: large for
@@ -628,7 +730,8 @@ def _features(result: SpineSegments, hu: NDArray[Any], bone: NDArray[np.bool_],
     near_iliac = None
     if iliac is not None and iliac.any():
         near_iliac = ndimage.binary_dilation(iliac, iterations=max(1, round(4.0 / spacing)))
-    ribs = _rib_evidence(seg, bone, result.canal_track_ijk, spacing, exclude=iliac, margin_vox=spine_margin_vox)
+    ribs = _rib_evidence(seg, bone, result.canal_track_ijk, spacing, exclude=iliac, margin_vox=spine_margin_vox,
+                         owner_out=rib_owner)
     for s in range(1, n + 1):
         mask = seg == s
         ks = np.nonzero(mask.any(axis=(0, 1)))[0]
@@ -678,7 +781,8 @@ RIB_BOX_MM = (110.0, 80.0, 80.0)
 
 
 def _rib_evidence(seg: NDArray[np.int32], bone: NDArray[np.bool_], track: NDArray[np.float64], spacing: float, *,
-                  exclude: NDArray[np.bool_] | None = None, margin_vox: int = 0) -> list[dict[str, Any]]:
+                  exclude: NDArray[np.bool_] | None = None, margin_vox: int = 0,
+                  owner_out: NDArray[np.int32] | None = None) -> list[dict[str, Any]]:
     """Ribs articulating with each segment (1..n): volume, sides and lateral reach.
 
     Args:
@@ -690,6 +794,8 @@ def _rib_evidence(seg: NDArray[np.int32], bone: NDArray[np.bool_], track: NDArra
             it are dropped.
         margin_vox: Shell (voxels) around the segments that is not rib either (thresholded bone hugging a
             tighter learned spine mask); the contact distance grows by it.
+        owner_out: Optional int32 array of ``seg``'s shape: filled (in place) with the owning segment's
+            label at the voxels of each accepted rib (0 elsewhere), for :func:`_trim_ribs`.
 
     Returns:
         Per segment ``{"rib_ml", "rib_sides", "rib_reach_mm", "rib_cut_sides"}``: volume (ml) of the rib
@@ -788,6 +894,9 @@ def _rib_evidence(seg: NDArray[np.int32], bone: NDArray[np.bool_], track: NDArra
                 out[owner - 1].setdefault("_cut", set()).add(int(kk % 2))
             continue
         entry = out[owner - 1]
+        if owner_out is not None:
+            sel = key == kk
+            owner_out[box][tuple(a[sel] for a in idx)] = owner
         entry["rib_ml"] += float(vol[kk])
         entry["rib_reach_mm"] = max(entry["rib_reach_mm"], float(reach[kk]))
         entry.setdefault("_sides", set()).add(int(kk % 2))

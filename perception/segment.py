@@ -194,6 +194,7 @@ def segment_volume(
         spine = segment_spine(volume, modality=modality)
         ran, ran_device = "classical", "cpu"
     naming = assign_levels(spine.features)
+    spine.complete_sacrum(list(naming.names))
     lut = np.zeros(int(spine.segments.max()) + 1, np.uint8)
     for index, name in enumerate(naming.names, start=1):
         lut[index] = level_id(name) if name else 0

@@ -65,9 +65,10 @@ def test_real_ct_levels_and_dice(shared_data: Path) -> None:
     ident = level_identification(result.labels, ref, min_ref_voxels=int(5.0 / ref.voxel_volume_ml()))
     assert ident["accuracy"] == 1.0 and ident["shift"] == 0, ident["pairs"]
     scores = per_level_scores(result.labels, ref, min_ref_ml=5.0)
-    # Measured (centreline-profile discs, re-fitted tilted L5/S1 disc, sacrum followed below the canal ring):
-    # T12 0.74, L1 0.83, L2 0.85, L3 0.87, L4 0.89, L5 0.82, S 0.60; the 0.85 target is met for L2-L4 only.
-    for level, floor in {"T12": 0.7, "L1": 0.79, "L2": 0.81, "L3": 0.83, "L4": 0.85, "L5": 0.77, "S": 0.55}.items():
+    # Measured (centreline-profile discs, re-fitted tilted L5/S1 disc, sacrum followed below the canal ring, rib
+    # necks trimmed from T12, sacrum closed across its fatty marrow): T12 0.77, L1 0.83, L2 0.85, L3 0.87, L4 0.89,
+    # L5 0.82, S 0.66; the 0.85 target is met for L2-L4 only.
+    for level, floor in {"T12": 0.74, "L1": 0.79, "L2": 0.81, "L3": 0.83, "L4": 0.85, "L5": 0.77, "S": 0.62}.items():
         assert scores[level]["dice"] >= floor, (level, scores[level])
     # L5/S1 comes from the tilted disc, not from splitting a too-tall body.
     assert not any("tall body" in w for w in result.warnings), result.warnings
