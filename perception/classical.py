@@ -499,7 +499,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     if use_planes:
         # The whole column (not the eroded one, which falls apart in hollow coarse bodies) between the planes.
         eroded = _cut_at_planes(column, planes, spacing)
-        index = _plane_index(bone.shape, planes)
+        index = _plane_index(bone.shape, planes, spacing)
         lab = np.zeros(bone.shape, np.int32)
         box = ndimage.find_objects(eroded.astype(np.int8))[0] if eroded.any() else None
         for value in range(len(planes) + 1) if box is not None else ():
@@ -1130,8 +1130,9 @@ def _sacral_region(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.
     ii = np.arange(bone.shape[0], dtype=np.float32)[:, None, None]
     jj = np.arange(bone.shape[1], dtype=np.float32)[None, :, None]
     kk = np.arange(bone.shape[2], dtype=np.float32)[None, None, :]
-    # Signed distance (mm) along the disc normal: negative below the disc.
-    along_mm = ((ii - c[0]) * n[0] + (jj - c[1]) * n[1] + (kk - c[2]) * n[2]) * spacing
+    # Signed distance (mm) along the disc normal: negative below the disc (axial far behind the body, see
+    # DISC_PLANE_POSTERIOR_REACH_MM).
+    along_mm = ((ii - c[0]) * n[0] + _posterior_clamped(jj - c[1], spacing) * n[1] + (kk - c[2]) * n[2]) * spacing
     region = bone & (along_mm < -0.5 * spacing)
     if not region.any():
         return None
@@ -1180,7 +1181,7 @@ def _height_along_planes(mask: NDArray[np.bool_], planes: list[DiscPlane]) -> fl
     return float(proj.max() - proj.min() + 1.0)
 
 
-def _plane_index(shape: tuple[int, ...], planes: list[DiscPlane]) -> NDArray[np.int16]:
+def _plane_index(shape: tuple[int, ...], planes: list[DiscPlane], spacing: float) -> NDArray[np.int16]:
     """Per voxel, the number of disc planes it lies above (0 = below the caudal-most disc)."""
     ii = np.arange(shape[0], dtype=np.float32)[:, None, None]
     jj = np.arange(shape[1], dtype=np.float32)[None, :, None]
@@ -1188,8 +1189,20 @@ def _plane_index(shape: tuple[int, ...], planes: list[DiscPlane]) -> NDArray[np.
     index = np.zeros(shape, np.int16)
     for plane in planes:
         c, n = plane.centre_ijk.astype(np.float32), plane.normal_ijk.astype(np.float32)
-        index += ((ii - c[0]) * n[0] + (jj - c[1]) * n[1] > (c[2] - kk) * n[2]).astype(np.int16)
+        dj = _posterior_clamped(jj - c[1], spacing)
+        index += ((ii - c[0]) * n[0] + dj * n[1] > (c[2] - kk) * n[2]).astype(np.int16)
     return index
+
+
+#: How far behind the disc centre (mm) a disc plane keeps its tilt; further back (behind the canal's
+#: front, among the posterior elements) it continues axially. A tilted L5/S1 plane (sacral slope 30-50
+#: degrees) extended 40-60 mm back passes above L5's laminae and hands L5's arch to the sacrum.
+DISC_PLANE_POSTERIOR_REACH_MM = 30.0
+
+
+def _posterior_clamped(dj: NDArray[np.float32], spacing_mm: float) -> NDArray[np.float32]:
+    """Antero-posterior voxel offsets from a disc centre (LPS: + is posterior), clamped at the plane's reach."""
+    return np.minimum(dj, np.float32(DISC_PLANE_POSTERIOR_REACH_MM / spacing_mm))
 
 
 def _cut_at_planes(mask: NDArray[np.bool_], planes: list[DiscPlane], spacing: float,
