@@ -133,6 +133,12 @@ class LocalGrid:
         object.__setattr__(self, "axes", axes)
         object.__setattr__(self, "origin_lps_mm", np.asarray(self.origin_lps_mm, dtype=np.float64).reshape(3))
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        # axes that are a signed permutation (image-aligned grids, the usual case): lps_to_index
+        # then needs no matrix product (the product with exact 0/+-1 entries gives the same numbers)
+        perm: tuple[NDArray[np.intp], NDArray[np.float64]] | None = None
+        if np.all((axes == 0.0) | (np.abs(axes) == 1.0)) and np.all(np.sum(axes != 0.0, axis=0) == 1):
+            perm = (np.argmax(axes != 0.0, axis=0), axes[np.argmax(axes != 0.0, axis=0), np.arange(3)])
+        object.__setattr__(self, "_perm", perm)
 
     def index_to_lps(self, ijk: ArrayLike) -> NDArray[np.float64]:
         """Continuous grid indices ``(..., 3)`` -> LPS mm ``(..., 3)``."""
@@ -142,6 +148,11 @@ class LocalGrid:
         """LPS mm ``(..., 3)`` -> continuous grid indices ``(..., 3)``."""
         # einsum, not ``@``: a (N, 3) x (3, 3) product through BLAS is about 2x slower here
         rel = np.asarray(lps_mm, dtype=np.float64) - self.origin_lps_mm
+        perm = getattr(self, "_perm", None)
+        if perm is not None:
+            # + 0.0 turns -0.0 into +0.0, as the sum of the product does
+            out: NDArray[np.float64] = (rel[..., perm[0]] * perm[1] + 0.0) / self.spacing_mm
+            return out
         return np.einsum("...i,ij->...j", rel, self.axes) / self.spacing_mm
 
     def resample(self, volume: Volume, *, order: int, cval: float) -> NDArray[np.float32] | NDArray[np.uint8]:
@@ -289,6 +300,21 @@ class FieldSet:
         except KeyError:
             raise PlanningError(f"unknown field {name!r}; have {sorted(self.fields)}") from None
         return self.grid.sample(arr, lps_mm, cval=self.outside_value[name])
+
+    def sample_many(self, names: Sequence[str], lps_mm: ArrayLike) -> list[NDArray[np.float64]]:
+        """Trilinear samples of several fields at the same LPS points (grid indices computed once)."""
+        from scipy import ndimage
+
+        pts = np.asarray(lps_mm, dtype=np.float64)
+        idx = self.grid.lps_to_index(pts.reshape(-1, 3)).T
+        out = []
+        for name in names:
+            arr, cval = (self.hu, -1000.0) if name == "hu" else (self.fields.get(name), self.outside_value.get(name))
+            if arr is None or cval is None:
+                raise PlanningError(f"unknown field {name!r}; have {sorted(self.fields)}")
+            vals = ndimage.map_coordinates(arr, idx, order=1, mode="constant", cval=cval, prefilter=False)
+            out.append(np.asarray(vals, dtype=np.float64).reshape(pts.shape[:-1]))
+        return out
 
     def label_at(self, lps_mm: ArrayLike) -> NDArray[np.int64]:
         """Nearest-neighbour label ids at LPS points ``(..., 3)`` (0 outside the grid)."""

@@ -55,7 +55,9 @@ lumbar bone (about 1 kN; 0.2-0.4 kN in osteoporotic bone, Varghese et al., Asian
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -423,8 +425,7 @@ class _ScrewSearch:
         entry, ok_entry = self._entries(pts, dirs)
         s = self.s
         axis = entry[:, None, :] + s[None, :, None] * dirs[:, None, :]  # (B, S, 3)
-        sdf = self.fields.sample("sdf", axis)
-        forb = self.fields.sample("forbidden", axis)
+        sdf, forb = self.fields.sample_many(("sdf", "forbidden"), axis)
         inside = sdf - radius >= o.bone_clearance_mm + tol
         first_in = np.where(inside.any(axis=1), np.argmax(inside, axis=1), len(s) - 1)
         entry_zone = s[first_in]
@@ -760,10 +761,16 @@ def plan_level(
 ) -> tuple[dict[str, ScrewPlan], dict[str, str]]:
     """Plan the screws of one vertebra; returns ``(screws by side, reasons by side)``."""
     opts = options or PedicleOptions()
+    return _resolve_level(anat, opts, {side: _plan_side(anat, side, opts) for side in sides})
+
+
+def _resolve_level(
+    anat: VertebraAnatomy, opts: PedicleOptions, outcomes: dict[str, ScrewPlan | str]
+) -> tuple[dict[str, ScrewPlan], dict[str, str]]:
+    """Split per-side outcomes into screws and reasons; re-plan one side if the two screws collide."""
     screws: dict[str, ScrewPlan] = {}
     reasons: dict[str, str] = {}
-    for side in sides:
-        out = _plan_side(anat, side, opts)
+    for side, out in outcomes.items():
         if isinstance(out, str):
             reasons[side] = out
         else:
@@ -783,6 +790,15 @@ def plan_level(
             else:
                 screws[redo.side] = replace(out, warnings=(*out.warnings, f"re-planned to clear the {keep.side} screw"))
     return screws, reasons
+
+
+def _n_workers(n_tasks: int) -> int:
+    """Worker threads for per-level planning (scipy.ndimage and large numpy operations release the GIL)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4, n_tasks))
 
 
 def plan_pedicle_screws(
@@ -813,46 +829,76 @@ def plan_pedicle_screws(
     ct.require_same_grid(labels)
     index = index or LabelIndex(labels)
     result = PedicleResult([], {}, {}, {}, [], {})
+    # every level is independent (its own grid and fields): levels and sides run on a thread pool,
+    # the results are merged in the requested order, so the outcome equals the serial one
+    todo: list[tuple[str, int]] = []
     for name in levels:
         vid = ids.level_id(name)
-        level = ids.level_name(vid)
-        if level == "S":
-            result.skipped[f"{level}-left"] = result.skipped[f"{level}-right"] = "sacral screws are not supported"
-            continue
-        if not index.present(vid):
-            reason = f"{level} is not in the label map"
-            result.skipped[f"{level}-left"] = result.skipped[f"{level}-right"] = reason
-            result.unusable_levels[level] = reason
-            continue
-        try:
-            anat = analyze_vertebra(
+        todo.append((ids.level_name(vid), vid))
+    n_analyse = sum(1 for level, vid in todo if level != "S" and index.present(vid))
+    with ThreadPoolExecutor(max_workers=_n_workers(2 * n_analyse)) as pool:
+
+        def analyse(vid: int) -> VertebraAnatomy:
+            return analyze_vertebra(
                 ct, labels, vid, index=index, calibration=opts.calibration, spacing_mm=opts.grid_spacing_mm
             )
-        except LabelError as exc:
-            result.skipped[f"{level}-left"] = result.skipped[f"{level}-right"] = str(exc)
-            result.unusable_levels[level] = str(exc)
-            continue
-        result.anatomy[level] = anat
-        result.warnings.extend(anat.warnings)
-        result.derived[f"{level}.spinal_canal"] = anat.canal_source
-        bq = bone_quality(level, anat.trabecular_hu, opts.calibration, opts.osteoporosis_hu, opts.osteopenia_hu)
-        result.bone_quality[level] = bq
-        screws, reasons = plan_level(anat, opts)
-        for side in ("left", "right"):
-            if side in screws:
-                screw = screws[side]
-                if bq.category == "osteoporosis likely":
-                    screw = replace(
-                        screw,
-                        warnings=(
-                            *screw.warnings,
-                            f"low bone density ({bq.trabecular_hu:.0f} HU): "
-                            "pull-out risk; consider cement augmentation",
-                        ),
-                    )
-                result.screws.append(screw)
-            else:
-                result.skipped[f"{level}-{side}"] = reasons.get(side, "not planned")
+
+        anat_futures: list[Future[VertebraAnatomy] | None] = [
+            pool.submit(analyse, vid) if level != "S" and index.present(vid) else None for level, vid in todo
+        ]
+        side_futures: list[dict[str, Future[ScrewPlan | str]] | None] = []
+        anats: list[VertebraAnatomy | Exception | None] = []
+        for fut in anat_futures:
+            if fut is None:
+                anats.append(None)
+                side_futures.append(None)
+                continue
+            try:
+                anat_k = fut.result()
+            except Exception as exc:  # re-raised (or reported as skipped) below, in level order
+                anats.append(exc)
+                side_futures.append(None)
+                continue
+            anats.append(anat_k)
+            side_futures.append({side: pool.submit(_plan_side, anat_k, side, opts) for side in ("left", "right")})
+        for (level, vid), anat_or_exc, sides_fut in zip(todo, anats, side_futures, strict=True):
+            if level == "S":
+                result.skipped[f"{level}-left"] = result.skipped[f"{level}-right"] = "sacral screws are not supported"
+                continue
+            if not index.present(vid):
+                reason = f"{level} is not in the label map"
+                result.skipped[f"{level}-left"] = result.skipped[f"{level}-right"] = reason
+                result.unusable_levels[level] = reason
+                continue
+            if isinstance(anat_or_exc, LabelError):
+                result.skipped[f"{level}-left"] = result.skipped[f"{level}-right"] = str(anat_or_exc)
+                result.unusable_levels[level] = str(anat_or_exc)
+                continue
+            if isinstance(anat_or_exc, Exception):
+                raise anat_or_exc
+            assert anat_or_exc is not None and sides_fut is not None
+            anat = anat_or_exc
+            result.anatomy[level] = anat
+            result.warnings.extend(anat.warnings)
+            result.derived[f"{level}.spinal_canal"] = anat.canal_source
+            bq = bone_quality(level, anat.trabecular_hu, opts.calibration, opts.osteoporosis_hu, opts.osteopenia_hu)
+            result.bone_quality[level] = bq
+            screws, reasons = _resolve_level(anat, opts, {side: f.result() for side, f in sides_fut.items()})
+            for side in ("left", "right"):
+                if side in screws:
+                    screw = screws[side]
+                    if bq.category == "osteoporosis likely":
+                        screw = replace(
+                            screw,
+                            warnings=(
+                                *screw.warnings,
+                                f"low bone density ({bq.trabecular_hu:.0f} HU): "
+                                "pull-out risk; consider cement augmentation",
+                            ),
+                        )
+                    result.screws.append(screw)
+                else:
+                    result.skipped[f"{level}-{side}"] = reasons.get(side, "not planned")
     return result
 
 
