@@ -103,13 +103,11 @@ def _shipped_weights_enabled_for_auto() -> bool:
     the problem in its own words.
     """
     import json
-    from pathlib import Path
 
-    import needle_steering
+    from needle_steering.perception.learned import default_weights_path
 
-    cfg_path = Path(needle_steering.__file__).resolve().parent / "models" / "vertebra_seg.json"
     try:
-        config = json.loads(cfg_path.read_text())
+        config = json.loads(default_weights_path().with_suffix(".json").read_text())
     except (OSError, ValueError):
         return True
     return not isinstance(config, dict) or bool(config.get("auto", False))
