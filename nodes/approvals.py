@@ -324,11 +324,8 @@ class ApprovalStore:
             approvals.pop(str(rec["trajectory_id"]), None)
             rejections.pop(str(rec["trajectory_id"]), None)
         elif event == "adjust_proposed":
-            tid = self._trajectory(str(rec["trajectory_id"])).id
-            entry = tuple(float(v) for v in rec["entry_lps_mm"])
-            if len(entry) != 3 or not all(math.isfinite(v) for v in entry):
-                raise ApprovalError(f"audit record {rec.get('seq')}: bad entry_lps_mm {rec['entry_lps_mm']!r}")
-            proposals[tid] = _Proposal(tid, (entry[0], entry[1], entry[2]), "pending")
+            proposal = self._checked_proposal(rec, "pending", "", f"audit record {rec.get('seq')}")
+            proposals[proposal.trajectory_id] = proposal
         elif event == "adjust_rejected" and str(rec.get("trajectory_id")) in proposals:
             proposal = proposals[str(rec["trajectory_id"])]
             proposal.status, proposal.reason = "rejected by the planner", str(rec.get("reason", ""))
@@ -340,9 +337,18 @@ class ApprovalStore:
                 record = self._checked_record(item, f"audit record {rec.get('seq')}")
                 rejections[record.trajectory_id] = record
             for item in rec["proposals"]:
-                tid = self._trajectory(str(item["trajectory_id"])).id
-                e = tuple(float(v) for v in item["entry_lps_mm"])
-                proposals[tid] = _Proposal(tid, (e[0], e[1], e[2]), str(item["status"]), str(item.get("reason", "")))
+                proposal = self._checked_proposal(
+                    item, str(item["status"]), str(item.get("reason", "")), f"audit record {rec.get('seq')}"
+                )
+                proposals[proposal.trajectory_id] = proposal
+
+    def _checked_proposal(self, data: Mapping[str, Any], status: str, reason: str, where: str) -> _Proposal:
+        """A drag proposal from the audit log: a trajectory of the current plan and a finite entry point."""
+        tid = self._trajectory(str(data["trajectory_id"])).id
+        entry = tuple(float(v) for v in data["entry_lps_mm"])
+        if len(entry) != 3 or not all(math.isfinite(v) for v in entry):
+            raise ApprovalError(f"{where}: bad entry_lps_mm {data['entry_lps_mm']!r}")
+        return _Proposal(tid, (entry[0], entry[1], entry[2]), status, reason)
 
     def _checked_record(self, data: Mapping[str, Any], where: str) -> ApprovalRecord:
         """An approval/rejection from the audit log, still bound to the current plan and trajectory."""
