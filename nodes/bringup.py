@@ -297,22 +297,28 @@ class GraphProcess:
 
 
 def start_graph_process(
-    config_path: str, overrides: Sequence[str], log_path: Path, domain_id: int | None = None
+    config_path: str,
+    overrides: Sequence[str],
+    log_path: Path,
+    domain_id: int | None = None,
+    only: Sequence[str] = (),
 ) -> GraphProcess:
     """Check the parameter file and start ``needle-steering bringup`` on it in a child process.
 
     A bad file raises :class:`BringupError` here, before anything starts. The child gets its own
     session (so shutting it down never signals the caller) and ``ROS_DOMAIN_ID=domain_id`` when
-    given; its output (every node's log) goes to ``log_path``.
+    given; its output (every node's log) goes to ``log_path``. ``only`` limits the nodes (``--only``).
     """
     path = find_config(config_path)
-    names = _graph_names(path, load_config(path, overrides), ())
+    names = _graph_names(path, load_config(path, overrides), only)
     env = os.environ.copy()
     if domain_id is not None:
         env["ROS_DOMAIN_ID"] = str(domain_id)
     args = [sys.executable, "-m", "needle_steering.nodes.bringup", "--config", str(path)]
     for item in overrides:
         args += ["--set", item]
+    for name in only:
+        args += ["--only", name]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

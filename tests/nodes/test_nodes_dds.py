@@ -14,9 +14,6 @@ import contextlib
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +37,7 @@ from visualization_msgs.srv import GetInteractiveMarkers
 
 from needle_steering.nodes import core_adapters
 from needle_steering.nodes.audit import read_audit_log
+from needle_steering.nodes.bringup import GraphProcess, start_graph_process
 from needle_steering.nodes.qos import qos
 from needle_steering.perception.volume import Volume
 from needle_steering.planning.plan_document import ImageInfo, PlanDocument, Trajectory, load_plan, save_plan
@@ -224,46 +222,37 @@ class User:
 
 
 class Bringup:
-    """``needle-steering bringup`` of some of sim.yaml's nodes in a subprocess (own session, own log)."""
+    """Some of sim.yaml's nodes under ``needle-steering bringup`` in a child process; restartable."""
 
     def __init__(self, folder: Path, name: str, only: tuple[str, ...]) -> None:
         self.folder, self.name, self.only = folder, name, only
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.graph: GraphProcess | None = None
         self.starts = 0
 
     def start(self) -> None:
-        args = [
-            sys.executable, "-m", "needle_steering.nodes.bringup", "--config", str(REPO / "config" / "sim.yaml"),
+        overrides = [
             # The needle-model twin: these tests are about the gate, approvals and stops. The PyBullet
             # twin is exercised over DDS in test_nodes_twin_pybullet.py and in the end-to-end demo test.
-            "--set", "sim_node.backend=kinematic",
-            "--set", f"plan_review_node.audit_log={self.folder / 'review.jsonl'}",
-            "--set", f"control_node.audit_log={self.folder / 'control.jsonl'}",
-            "--set", "control_node.insertion_speed_mm_s=15.0",
-        ]  # fmt: skip
-        for node in self.only:
-            args += ["--only", node]
+            "sim_node.backend=kinematic",
+            f"plan_review_node.audit_log={self.folder / 'review.jsonl'}",
+            f"control_node.audit_log={self.folder / 'control.jsonl'}",
+            "control_node.insertion_speed_mm_s=15.0",
+        ]
         self.starts += 1
-        with (self.folder / f"{self.name}-{self.starts}.log").open("wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log_path = self.folder / f"{self.name}-{self.starts}.log"
+        self.graph = start_graph_process(str(REPO / "config" / "sim.yaml"), overrides, log_path, only=self.only)
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.graph is not None and self.graph.problem() is None
 
     def log(self) -> str:
-        return (self.folder / f"{self.name}-{self.starts}.log").read_text(errors="replace")[-3000:]
+        assert self.graph is not None
+        return self.graph.log_path.read_text(errors="replace")[-3000:]
 
     def stop(self) -> int:
         """SIGINT (bringup stops its nodes), kill the session if it hangs; returns the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        return int(self.proc.returncode)
+        assert self.graph is not None
+        return self.graph.shutdown(timeout_s=20.0)
 
 
 _REVIEW: dict[str, Bringup] = {}

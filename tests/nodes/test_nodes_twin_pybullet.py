@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +35,7 @@ from visualization_msgs.msg import InteractiveMarkerFeedback
 
 from needle_steering.errors import SimulationError
 from needle_steering.nodes.audit import read_audit_log
+from needle_steering.nodes.bringup import start_graph_process
 from needle_steering.nodes.conversions import frame_with_z_axis
 from needle_steering.nodes.qos import qos
 from needle_steering.nodes.twin import TwinConfig, TwinError
@@ -323,37 +321,28 @@ class User:
 def graph(tmp_path_factory: pytest.TempPathFactory, labels: Volume) -> Iterator[tuple[User, Path]]:
     folder = tmp_path_factory.mktemp("pybullet_dds")
     labels_file = write_volume(labels, folder / "labels.nii.gz")
-    args = [
-        sys.executable, "-m", "needle_steering.nodes.bringup", "--config", str(REPO / "config" / "sim.yaml"),
-        "--set", "sim_node.backend=pybullet",
-        "--set", f"sim_node.anatomy={labels_file}",
-        "--set", "sim_node.patient_anchor_lps_mm=[0.0, 0.0, 0.0]",
-        "--set", f"plan_review_node.audit_log={folder / 'review.jsonl'}",
-        "--set", f"control_node.audit_log={folder / 'control.jsonl'}",
-        "--set", "control_node.insertion_speed_mm_s=15.0",
-    ]  # fmt: skip
-    log = (folder / "bringup.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+    overrides = [
+        "sim_node.backend=pybullet",
+        f"sim_node.anatomy={labels_file}",
+        "sim_node.patient_anchor_lps_mm=[0.0, 0.0, 0.0]",
+        f"plan_review_node.audit_log={folder / 'review.jsonl'}",
+        f"control_node.audit_log={folder / 'control.jsonl'}",
+        "control_node.insertion_speed_mm_s=15.0",
+    ]
+    bringup = start_graph_process(str(REPO / "config" / "sim.yaml"), overrides, folder / "bringup.log")
     rclpy.init()
     user = User()
     try:
         user.wait_for(lambda: bool(user.sim_states) and user.sim_states[-1].get("anatomy_loaded") is True, 60.0,
                       "the PyBullet twin's anatomy")
-        assert proc.poll() is None, (folder / "bringup.log").read_text()
+        assert bringup.problem() is None, bringup.problem()
         yield user, folder
     finally:
         user.node.destroy_node()
         rclpy.shutdown()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        log.close()
-    tail = (folder / "bringup.log").read_text()[-3000:]
-    assert proc.returncode == 0, f"bringup exited with {proc.returncode}:\n{tail}"
+        status = bringup.shutdown(timeout_s=20.0)
+    tail = bringup.log_path.read_text()[-3000:]
+    assert status == 0, f"bringup exited with {status}:\n{tail}"
 
 
 def test_nodes_twin_pybullet_dds_reaches_approved_targets(graph: tuple[User, Path], tmp_path: Path,
