@@ -407,13 +407,55 @@ def _trim_ribs(seg: NDArray[np.int32], rib_owner: NDArray[np.int32], track: NDAr
     return remove if remove.any() else None
 
 
+#: Fatty sacral marrow (mm-scale fat islands averaged with trabeculae) is darker than soft tissue in older
+#: patients: inside the closed cortical envelope of the sacrum, voxels above this (HU) are marrow.
+SACRAL_MARROW_MIN_HU = -60.0
 #: Closing radius (mm) that bridges the sacrum's cortices across its fatty marrow and foramina.
-SACRUM_CLOSING_MM = 9.0
+SACRUM_CLOSING_MM = 15.0
 #: Half-width (mm) of the in-plane box around the canal track that the body separation works in.
 SPINE_BOX_LATERAL_MM = 95.0
 #: 2-D (in-plane) connectivity for per-slice operations done on the whole stack at once.
 _SLICE_STRUCTURE = np.zeros((3, 3, 3), bool)
 _SLICE_STRUCTURE[:, 1, 1] = _SLICE_STRUCTURE[1, :, 1] = True
+#: 2-D connectivity in sagittal (fixed i) and coronal (fixed j) planes.
+_SAGITTAL_STRUCTURE = np.zeros((3, 3, 3), bool)
+_SAGITTAL_STRUCTURE[1, :, 1] = _SAGITTAL_STRUCTURE[1, 1, :] = True
+_CORONAL_STRUCTURE = np.zeros((3, 3, 3), bool)
+_CORONAL_STRUCTURE[:, 1, 1] = _CORONAL_STRUCTURE[1, 1, :] = True
+
+
+def _extend_to_edge_slices(segments: NDArray[np.int32], bone: NDArray[np.bool_]) -> None:
+    """Label the bone of the first and last axial slice like the slice next to it (in place).
+
+    The closing that joins the bone erodes against the volume's edge: a vertebra cut by the field of view
+    would otherwise lose its edge slice (3 mm of a 30 mm body on a coarse scan).
+    """
+    for edge, inner in ((0, 1), (segments.shape[2] - 1, segments.shape[2] - 2)):
+        take = bone[:, :, edge] & (segments[:, :, edge] == 0) & (segments[:, :, inner] > 0)
+        segments[:, :, edge][take] = segments[:, :, inner][take]
+
+
+def _fill_enclosed(segments: NDArray[np.int32], hu: NDArray[Any], canal: NDArray[np.bool_]) -> None:
+    """Give each segment the unlabelled voxels it encloses in a sagittal or coronal plane (in place).
+
+    Low-density marrow and the basivertebral venous plexus leave holes in a body that open into the canal in
+    every axial slice (so axial hole filling keeps them) but are closed by the endplates above and below.
+    Canal voxels and holes darker than :data:`MAX_CANAL_HU` (fat, CSF) are not bone and stay unlabelled.
+    """
+    allowed = (segments == 0) & (hu > MAX_CANAL_HU) & ~canal
+    for value, obj in enumerate(ndimage.find_objects(segments), start=1):
+        if obj is None:
+            continue
+        own = segments[obj] == value
+        # A vertebra cut by the top or bottom of the field of view is closed there: its marrow holes open
+        # onto the edge slice, not into soft tissue.
+        pad = ((0, 0), (0, 0), (int(obj[2].start == 0), int(obj[2].stop == segments.shape[2])))
+        padded = np.pad(own, pad, constant_values=True)
+        enclosed = np.zeros_like(padded)
+        for structure in (_SAGITTAL_STRUCTURE, _CORONAL_STRUCTURE):
+            enclosed |= ndimage.binary_fill_holes(padded, structure=structure)
+        enclosed = enclosed[:, :, pad[2][0]:enclosed.shape[2] - pad[2][1]]
+        segments[obj][enclosed & allowed[obj]] = value
 
 
 def _track_box(shape: tuple[int, ...], track: NDArray[np.float64], spacing: float, *, lateral_mm: float,
@@ -607,6 +649,8 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         distance = ndimage.distance_transform_edt(flood_bone[sb], sampling=[spacing] * 3)
         segments[sb] = watershed(-distance, markers=markers[sb], mask=flood_bone[sb]).astype(np.int32)
     segments[segments == iliac_label] = 0
+    _extend_to_edge_slices(segments, bone & ~canal)
+    _fill_enclosed(segments, hu, canal)
     if sacral is not None:
         # The sacrum's thin cortices around low-density cancellous bone (and the sacral foramina's rims)
         # leave it hollow at the threshold: close it and fill its in-plane holes (not fat, not the canal).
@@ -631,7 +675,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
             wide[sb] = ndimage.binary_fill_holes(
                 ndimage.binary_closing(np.pad(sac[sb], it), iterations=it)[it:-it, it:-it, it:-it],
                 structure=_SLICE_STRUCTURE)
-            sacrum_extra = wide & (segments == 0) & allowed
+            sacrum_extra = wide & (segments == 0) & ~canal & ~sacral[2] & (hu > SACRAL_MARROW_MIN_HU)
     if spacing <= 1.6 and peel:
         # The threshold that keeps thin cortex connected puts the surface ~half a voxel outside the
         # bone (partial volume): peel the outer rim where it is darker than the cortex mid-level.
