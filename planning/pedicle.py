@@ -41,6 +41,10 @@ length are each refined by a compass pattern search (batched, step halving) on
 ``(a, b, transverse, sagittal)`` maximising the density score at the chosen size.
 
 The *straight-ahead baseline* is the pedicle axis through the isthmus centre with the same size.
+The *straight-ahead screw* is what a surgeon would place on that line: the same catalogue rules
+(largest diameter, then longest length, with every clearance) applied to the straight-ahead line alone.
+Its density score is the "more bone than a surgeon's straight-ahead trajectory" comparison; it is
+undefined (no safe size) on sides where the straight-ahead line breaches at every catalogue size.
 
 Pull-out estimate
 -----------------
@@ -189,6 +193,9 @@ class ScrewPlan:
     density_score_mg: float
     baseline_density_score_mg: float
     baseline_feasible: bool
+    straight_ahead_diameter_mm: float
+    straight_ahead_length_mm: float
+    straight_ahead_density_score_mg: float
     min_bone_clearance_mm: float
     min_medial_clearance_mm: float
     min_structure_clearance_mm: float
@@ -214,6 +221,13 @@ class ScrewPlan:
             return float("inf") if self.density_score_mg > 0 else 0.0
         return self.density_score_mg / self.baseline_density_score_mg - 1.0
 
+    @property
+    def density_gain_vs_straight_ahead(self) -> float:
+        """Relative density-score gain over the sized straight-ahead screw; NaN when that line has no safe size."""
+        if self.straight_ahead_density_score_mg <= 0:
+            return float("nan")
+        return self.density_score_mg / self.straight_ahead_density_score_mg - 1.0
+
     def to_trajectory(self) -> Trajectory:
         """As a plan-document :class:`Trajectory` (``kind="pedicle_screw"``)."""
         gain = self.density_gain
@@ -234,6 +248,9 @@ class ScrewPlan:
                 "baseline_density_score_mg": self.baseline_density_score_mg,
                 "baseline_feasible": self.baseline_feasible,
                 "density_gain": gain if np.isfinite(gain) else 0.0,
+                "straight_ahead_diameter_mm": self.straight_ahead_diameter_mm,
+                "straight_ahead_length_mm": self.straight_ahead_length_mm,
+                "straight_ahead_density_score_mg": self.straight_ahead_density_score_mg,
                 "min_bone_clearance_mm": self.min_bone_clearance_mm,
                 "min_medial_clearance_mm": self.min_medial_clearance_mm,
                 "min_structure_clearance_mm": self.min_structure_clearance_mm,
@@ -570,6 +587,23 @@ def _grid(lo: float, hi: float, n: int) -> NDArray[np.float64]:
     return np.array([0.5 * (lo + hi)]) if n <= 1 or hi - lo < 1e-6 else np.linspace(lo, hi, n)
 
 
+def _straight_ahead_screw(
+    search: _ScrewSearch, base_x: NDArray[np.float64], diameters: Sequence[float]
+) -> tuple[float, float, float]:
+    """The screw a surgeon would size on the straight-ahead line: ``(diameter_mm, length_mm, density_score_mg)``.
+
+    The largest catalogue diameter with a safe length on that line, at its longest safe length; zeros when
+    the line breaches at every size.
+    """
+    for diameter in sorted(diameters, reverse=True):
+        ev = search.evaluate(base_x, diameter / 2.0)
+        length = float(ev.length[0])
+        if length > 0:
+            score, _ = search.density(ev.entry, ev.dirs, diameter / 2.0, length)
+            return float(diameter), length, float(score[0])
+    return 0.0, 0.0, 0.0
+
+
 def _plan_side(
     anat: VertebraAnatomy,
     side: str,
@@ -640,6 +674,7 @@ def _plan_side(
         base_x = np.array([[0.0, 0.0, search.t0, search.g0]])
         base = search.evaluate(base_x, radius)
         base_score, _ = search.density(base.entry, base.dirs, radius, length)
+        sa_diameter, sa_length, sa_score = _straight_ahead_screw(search, base_x, diameters)
         met = search.metrics(entry, d, radius, length, float(final.entry_zone[0]))
         grade = gertzbein_robbins_grade(met["breach_depth_mm"])
         mean_bmd = float(opts.calibration.bmd_mg_cm3(float(hu_arr[0])))
@@ -663,6 +698,9 @@ def _plan_side(
             density_score_mg=float(score_arr[0]),
             baseline_density_score_mg=float(base_score[0]),
             baseline_feasible=bool(base.length[0] >= length),
+            straight_ahead_diameter_mm=sa_diameter,
+            straight_ahead_length_mm=sa_length,
+            straight_ahead_density_score_mg=sa_score,
             min_bone_clearance_mm=met["min_bone_clearance_mm"],
             min_medial_clearance_mm=met["min_medial_clearance_mm"],
             min_structure_clearance_mm=met["min_structure_clearance_mm"],

@@ -26,7 +26,8 @@ MAX_LENGTH_MM = 200.0
 BIOPSY_MARGIN_MM = 3.0
 #: Metrics that describe the planner's own trajectory and no longer hold after a drag.
 _STALE_METRICS = ("density_score_mg", "density_gain", "mean_hu", "mean_bmd_mg_cm3", "pullout_force_n_estimate",
-                  "baseline_density_score_mg", "baseline_feasible", "transverse_deg", "sagittal_deg")
+                  "baseline_density_score_mg", "baseline_feasible", "transverse_deg", "sagittal_deg",
+                  "straight_ahead_diameter_mm", "straight_ahead_length_mm", "straight_ahead_density_score_mg")
 
 
 def _critical_clearance_mm(labels: Volume, entry: np.ndarray, tip: np.ndarray) -> tuple[float, str]:

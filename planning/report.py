@@ -177,6 +177,16 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}"/>'
 
 
+def _straight_ahead_cell(t: Trajectory) -> str:
+    """Gain over the straight-ahead screw sized by the catalogue rules, with that screw's size."""
+    sa_score = float(t.metrics.get("straight_ahead_density_score_mg", 0.0) or 0.0)
+    if sa_score <= 0:
+        return "no safe size on that line"
+    gain = float(t.metrics.get("density_score_mg", 0.0)) / sa_score - 1.0
+    return (f"{100 * gain:+.0f}% ({float(t.metrics.get('straight_ahead_diameter_mm', 0.0)):.1f} &times; "
+            f"{float(t.metrics.get('straight_ahead_length_mm', 0.0)):.0f})")
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
@@ -260,7 +270,7 @@ def render_report_html(plan: PlanDocument, ct: Volume, labels: Volume) -> str:
             f"<td>{t.diameter_mm:.1f} &times; {t.length_mm:.0f}</td>"
             f"<td>{_fmt(m.get('transverse_deg'))}</td><td>{_fmt(m.get('sagittal_deg'))}</td>"
             f"<td>{_fmt(m.get('mean_hu'), 0)}</td><td>{_fmt(m.get('density_score_mg'), 0)}</td>"
-            f"<td>{100 * float(m.get('density_gain', 0.0)):+.0f}%</td>"
+            f"<td>{100 * float(m.get('density_gain', 0.0)):+.0f}%</td><td>{_straight_ahead_cell(t)}</td>"
             f"<td>{_fmt(m.get('min_bone_clearance_mm'))}</td><td>{_fmt(m.get('min_medial_clearance_mm'))}</td>"
             f"<td>{_fmt(m.get('min_structure_clearance_mm'))}</td>"
             f"<td class='grade{html.escape(grade)}'>{html.escape(grade)}</td>"
@@ -270,7 +280,8 @@ def render_report_html(plan: PlanDocument, ct: Volume, labels: Volume) -> str:
     screw_table = (
         "<table><tr><th class=l>level</th><th class=l>side</th><th>&#8960; &times; L (mm)</th>"
         "<th>transverse (&deg;)</th>"
-        "<th>sagittal (&deg;)</th><th>mean HU</th><th>density score (mg)</th><th>vs straight-ahead</th>"
+        "<th>sagittal (&deg;)</th><th>mean HU</th><th>density score (mg)</th><th>vs straight-ahead line, same size</th>"
+        "<th>vs surgeon-sized straight-ahead screw</th>"
         "<th>cortex clearance (mm)</th><th>medial (mm)</th><th>canal/neighbours (mm)</th><th>predicted GR grade</th>"
         "<th>pull-out est. (N)</th><th class=l>notes</th></tr>" + "".join(rows) + "</table>"
         if rows

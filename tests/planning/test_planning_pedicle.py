@@ -127,6 +127,14 @@ def test_phantom_screws_grade_a_with_clearance_and_density_gain(phantom_lesion: 
         assert check.enters_structures == ()
         if s.baseline_feasible:
             assert s.density_score_mg >= s.baseline_density_score_mg - 1e-6
+        # The straight-ahead line is one of the planner's candidates: sized by the same rules, its screw is
+        # never larger than the planned one (diameter first, then length), and has a score only when sized.
+        sa_size = (s.straight_ahead_diameter_mm, s.straight_ahead_length_mm)
+        assert sa_size <= (s.diameter_mm, s.length_mm), (s.level, s.side, sa_size)
+        assert (s.straight_ahead_density_score_mg > 0) == (s.straight_ahead_diameter_mm > 0)
+        assert np.isnan(s.density_gain_vs_straight_ahead) == (s.straight_ahead_diameter_mm == 0)
+        if sa_size == (s.diameter_mm, s.length_mm):
+            assert s.density_score_mg >= s.straight_ahead_density_score_mg - 1e-6
         assert s.pullout_force_n > 0
     gains = [s.density_gain for s in res.screws]
     assert float(np.median(gains)) > 0.0
