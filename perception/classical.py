@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from needle_steering.errors import SegmentationError
+from needle_steering.perception.levels import SACRUM_ILIAC_CONTACT_ML
 from needle_steering.perception.volume import Volume
 
 #: Bone threshold for calibrated CT (HU). Cancellous bone at 3 mm partial volume sits near 100-200.
@@ -65,6 +66,7 @@ class SpineSegments:
     features: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     sacrum_candidate: tuple[int, NDArray[np.bool_]] | None = None
+    rib_owner: NDArray[np.int32] | None = None
 
     def complete_sacrum(self, names: list[str | None]) -> None:
         """Add :attr:`sacrum_candidate`'s voxels (background only) when ``names`` (per segment 1..n) call it "S"."""
@@ -327,11 +329,53 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     # Everything after the canal works on the in-plane box around the track (the spine, the sacral alae
     # and the iliac bone beside them): several times fewer voxels than the whole body at 1 mm.
     box = _track_box(hu.shape, track, spacing, lateral_mm=SPINE_BOX_LATERAL_MM, anterior_mm=75.0, posterior_mm=75.0)
+    # A tilted L5/S1 disc below the end of the body centreline is searched for (up to MAX_CAUDAL_DISCS). A disc
+    # found that way is kept only if the segment below it touches the iliac bone (the sacrum) and the one above
+    # it hardly does (L5); otherwise the search went below the lumbosacral disc (S1/S2) and is taken back.
+    notes: list[str] = []
+    for caudal_search in range(MAX_CAUDAL_DISCS, -1, -1):
+        result, added = _segments_and_features(
+            work, hu, bone, thresholded=thresholded, canal=canal, track=track, box=box, spacing=spacing,
+            rim_hu=rim_hu, disc=disc, precomputed=spine_bone is not None, caudal_search=caudal_search)
+        contact = [float(f.get("iliac_contact_ml", 0.0)) for f in result.features[-2:]]
+        if added == 0 or (len(contact) == 2 and contact[1] >= SACRUM_ILIAC_CONTACT_ML
+                          and contact[0] < max(SACRUM_ILIAC_CONTACT_ML, L5_ILIAC_CONTACT_FRACTION * contact[1])):
+            break
+        notes.append(f"a disc found below the body centreline did not leave a free L5 above a sacrum in contact "
+                     f"with the ilia (iliac contact {contact} ml): search limited to {added - 1} disc(s)")
+    if added:
+        notes.append(f"{added} tilted disc(s) found below the end of the body centreline (lumbosacral)")
+    result.warnings.extend(notes)
+    rib_owner = result.rib_owner
+    assert rib_owner is not None  # set by _segments_and_features
+    # Naming features are measured first (volumes with the rib necks, as calibrated); then the rib necks that
+    # the watershed carried into their vertebra are given back.
+    removed = _trim_ribs(result.segments, rib_owner, track, spacing)
+    if removed is not None:
+        result.segments[removed] = 0
+    return result
+
+
+#: L5 may graze the iliac bone (a high-riding pelvis, partial volume) but touches it far less than the sacrum:
+#: up to this fraction of the sacrum's iliac contact (the sacroiliac joints span S1-S3, so S1 alone has about
+#: half of it).
+L5_ILIAC_CONTACT_FRACTION = 0.25
+#: Tilted discs searched below the caudal-most profile disc (the centreline stops where the canal ring opens,
+#: often above a steep L5/S1 disc; two when the L4/L5 disc was missed as well).
+MAX_CAUDAL_DISCS = 2
+
+
+def _segments_and_features(work: Volume, hu: NDArray[Any], bone: NDArray[np.bool_], *,
+                           thresholded: NDArray[np.bool_], canal: NDArray[np.bool_], track: NDArray[np.float64],
+                           box: tuple[slice, slice, slice], spacing: float, rim_hu: float,
+                           disc: NDArray[np.bool_] | None, precomputed: bool, caudal_search: int,
+                           ) -> tuple[SpineSegments, int]:
+    """Separate the vertebrae in ``box`` and measure the naming features: ``(result, discs added below)``."""
     offset = np.array([box[0].start, box[1].start], float)
     disc_box = None if disc is None else np.asarray(disc, bool)[box]
-    seg_box, disc_k, warnings, body_k, iliac_box, sacrum_extra = _split_vertebrae(
+    seg_box, disc_k, warnings, body_k, iliac_box, sacrum_extra, added = _split_vertebrae(
         hu[box], bone[box], canal[box], track - offset, spacing, rim_hu=rim_hu,
-        disc=disc_box, peel=spine_bone is None,
+        disc=disc_box, peel=not precomputed, caudal_search=caudal_search,
     )
     segments = np.zeros(hu.shape, np.int32)
     segments[box] = seg_box
@@ -346,16 +390,11 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
         result.sacrum_candidate = (sacrum_extra[0], extra)
     # With a precomputed (tighter) spine mask, thresholded bone hugging the vertebrae (partial volume,
     # process tips) is not rib evidence: exclude a 4 mm shell around the spine.
-    rib_owner = np.zeros(hu.shape, np.int32)
+    result.rib_owner = np.zeros(hu.shape, np.int32)
     result.features = _features(result, hu, thresholded, body_k,
-                                spine_margin_vox=0 if spine_bone is None else max(1, round(4.0 / spacing)),
-                                iliac=iliac, rib_owner=rib_owner)
-    # Naming features are measured first (volumes with the rib necks, as calibrated); then the rib necks that
-    # the watershed carried into their vertebra are given back.
-    removed = _trim_ribs(result.segments, rib_owner, track, spacing)
-    if removed is not None:
-        result.segments[removed] = 0
-    return result
+                                spine_margin_vox=max(1, round(4.0 / spacing)) if precomputed else 0,
+                                iliac=iliac, rib_owner=result.rib_owner)
+    return result, added
 
 
 #: Bone of a rib-bearing vertebra more lateral than this (mm from the canal centre) and connected there to
@@ -489,9 +528,9 @@ def _spine_roi(shape: tuple[int, ...], track: NDArray[np.float64], spacing: floa
 
 def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.bool_],
                      track: NDArray[np.float64], spacing: float, *, rim_hu: float,
-                     disc: NDArray[np.bool_] | None = None, peel: bool = True,
+                     disc: NDArray[np.bool_] | None = None, peel: bool = True, caudal_search: int = 0,
                      ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]],
-                                NDArray[np.bool_] | None, tuple[int, NDArray[np.bool_]] | None]:
+                                NDArray[np.bool_] | None, tuple[int, NDArray[np.bool_]] | None, int]:
     from skimage.segmentation import watershed
 
     warnings: list[str] = []
@@ -532,6 +571,13 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         # sacrum is in view) was sampled nearly axially although the sacral slope tilts it 20-50 degrees.
         planes[0] = _refine_disc(hu, planes[0], spacing, k_half_mm=9.0, j_range_mm=(-10.0, 25.0),
                                  tilt_deg=CAUDAL_DISC_TILT_DEG)
+    added = 0
+    while added < caudal_search and len(planes) >= 2:
+        found = _disc_below(hu, planes, spacing)
+        if found is None:
+            break
+        planes.insert(0, found)
+        added += 1
     # One clear disc is enough to cut a short field of view (two partial vertebrae around one disc).
     use_planes = len(planes) >= 2 or (len(planes) == 1 and planes[0].prominence_hu >= 2 * DISC_PROMINENCE_HU)
     if shell_fill is not None and planes and shell_fill.any():
@@ -696,7 +742,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     body_k = [(int(split[old - 1][0]), int(split[old - 1][1])) for old in order]
     extra = None if sacrum_extra is None or not sacrum_extra.any() else (int(remap[sacrum_label]), sacrum_extra)
     return (remap[segments], [int(d) for d in discs], warnings, body_k, (None if sacral is None else sacral[2]),
-            extra)
+            extra, added)
 
 
 #: A body slice is an open cortical shell when bone lies within 2 mm of at least this fraction of the
@@ -1082,13 +1128,14 @@ def _profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], ta
     # Clear minima (twice the threshold) are discs. A shallow one (a cancellous minimum inside a
     # body, a vessel) counts only where it does not cut a body shorter than 3/4 of the typical
     # spacing of the clear discs.
-    strong = sorted((c for c in candidates if c.prominence_hu >= 2 * DISC_PROMINENCE_HU), key=lambda c: c.k)
+    clear_hu = 2 * DISC_PROMINENCE_HU
+    strong = sorted((c for c in candidates if c.prominence_hu >= clear_hu), key=lambda c: c.k)
     if len(strong) < 2:
         return sorted(candidates, key=lambda c: c.k) if len(candidates) <= 2 else strong
     gaps = np.diff([c.k for c in strong])
     typical = float(np.median(gaps))
     accepted = list(strong)
-    for cand in sorted((c for c in candidates if c.prominence_hu < 2 * DISC_PROMINENCE_HU),
+    for cand in sorted((c for c in candidates if c.prominence_hu < clear_hu),
                        key=lambda c: -c.prominence_hu):
         if all(abs(cand.k - a.k) >= 0.75 * typical for a in accepted):
             accepted.append(cand)
@@ -1267,6 +1314,32 @@ def _cut_at_planes(mask: NDArray[np.bool_], planes: list[DiscPlane], spacing: fl
 
 #: Tilt range (degrees from axial, normal leaning anteriorly) searched for the caudal-most disc (L5/S1: sacral slope).
 CAUDAL_DISC_TILT_DEG = (-10.0, 65.0)
+
+
+#: A disc searched below the caudal-most one counts when its score reaches this fraction of the median
+#: prominence of the profile discs (and at least twice DISC_PROMINENCE_HU).
+CAUDAL_DISC_MIN_FRACTION = 0.3
+
+
+def _disc_below(hu: NDArray[Any], planes: list[DiscPlane], spacing: float) -> DiscPlane | None:
+    """A tilted disc about one disc spacing below ``planes[0]`` (the caudal-most), or None.
+
+    The search (:func:`_refine_disc`) is centred one median disc spacing down along the caudal disc's normal,
+    +-0.35 of a spacing in k, 10 mm behind to 30 mm in front of it, tilts CAUDAL_DISC_TILT_DEG.
+    """
+    ks = sorted(float(p.centre_ijk[2]) for p in planes)
+    gap = float(np.median(np.diff(ks)))
+    lowest = planes[0]
+    guess = lowest.centre_ijk - gap * lowest.normal_ijk
+    if guess[2] < 1:
+        return None
+    start = DiscPlane(round(float(guess[2])), guess, lowest.normal_ijk, 0.0)
+    found = _refine_disc(hu, start, spacing, k_half_mm=0.35 * gap * spacing, j_range_mm=(-10.0, 30.0),
+                         tilt_deg=CAUDAL_DISC_TILT_DEG)
+    need = max(2 * DISC_PROMINENCE_HU, CAUDAL_DISC_MIN_FRACTION * float(np.median([p.prominence_hu for p in planes])))
+    if found is start or found.prominence_hu < need or found.centre_ijk[2] >= lowest.centre_ijk[2] - 0.5 * gap:
+        return None
+    return found
 
 
 def _refine_disc(hu: NDArray[Any], plane: DiscPlane, spacing: float, *, k_half_mm: float,
