@@ -25,7 +25,6 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from needle_steering.errors import SegmentationError
-from needle_steering.perception.levels import SACRUM_ILIAC_CONTACT_ML
 from needle_steering.perception.volume import Volume
 
 #: Bone threshold for calibrated CT (HU). Cancellous bone at 3 mm partial volume sits near 100-200.
@@ -35,10 +34,22 @@ FINE_CT_BONE_HU = 200.0
 #: Typical cortical bone and soft tissue (HU) of a calibrated CT, for the surface rim level.
 CORTEX_HU = 700.0
 SOFT_TISSUE_HU = 40.0
+#: Working grids up to this spacing (mm) peel the rim (see :func:`_split_vertebrae`): planning CT (1-2 mm) resolves
+#: the cortex well enough that the thresholded surface lies a voxel outside it; the coarse (3 mm) grids do not.
+RIM_PEEL_MAX_SPACING_MM = 2.0
+#: The same limit for CBCT (noisier, blurrier): at 2 mm the peel took a whole layer (phantom seed 104: mean Dice
+#: 0.84 without, 0.72 with).
+CBCT_RIM_PEEL_MAX_SPACING_MM = 1.6
+#: Working grids up to this spacing (mm) look for joint clefts (:func:`_joint_clefts`); on coarser ones a 1-2 mm
+#: facet joint space fills less than half a voxel.
+JOINT_CLEFT_MAX_SPACING_MM = 2.0
 #: Holes darker than this (HU) are not cancellous bone (fat, gas): never filled.
 MAX_CANAL_HU = 30.0
 #: A canal candidate (a hole enclosed by bone) is darker than this on average (CSF, fat; HU).
 CANAL_CANDIDATE_MAX_HU = 100.0
+#: CBCT denoising footprint: the 6-connected neighbourhood (7 voxels). A full 3x3x3 median replaces a one- or
+#: two-voxel cortex by the darker cancellous/soft-tissue majority around it (~40 % of the cortex contrast lost).
+_CBCT_MEDIAN_FOOTPRINT = ndimage.generate_binary_structure(3, 1)
 
 
 @dataclass
@@ -92,6 +103,10 @@ def to_lps_grid(volume: Volume, spacing_mm: float, default: float) -> Volume:
 def bone_threshold(hu: NDArray[Any], body: NDArray[np.bool_], modality: str, spacing_mm: float = 1.0) -> float:
     """Bone threshold: fixed for CT; for CBCT between the soft-tissue peak and dense bone.
 
+    The CBCT value is a first pass over the whole body (enough to find the canal): :func:`segment_spine` then
+    replaces it by :data:`FINE_CT_BONE_HU` / :data:`CT_BONE_HU` mapped through :func:`spine_grey_levels` and
+    :func:`cbct_level` (cupping darkens the spine at the FOV centre against the whole-body histogram).
+
     At fine spacing the cortex is resolved and a higher threshold keeps the surface on the bone
     (partial volume spreads the cortex's HU outward); at coarse spacing the lower one keeps thin
     cortex and cancellous bone in.
@@ -104,6 +119,73 @@ def bone_threshold(hu: NDArray[Any], body: NDArray[np.bool_], modality: str, spa
     return soft + 0.3 * (dense - soft)
 
 
+#: Dense-bone level (HU) of the spine neighbourhood of a calibrated CT as :func:`spine_grey_levels` measures it
+#: (90th percentile of the thresholded spine bone: cortex): 870-990 HU on 1.5 mm phantom CTs, ~420 HU on a 3 mm
+#: clinical CT (partial volume). With :data:`SOFT_TISSUE_HU` it is the two-point reference that maps the CT levels
+#: (bone threshold, cortex mid-level, dark-hole limit) onto a CBCT's grey values, see :func:`cbct_level`.
+CT_SPINE_DENSE_HU = 900.0
+COARSE_CT_SPINE_DENSE_HU = 420.0
+#: CBCT disc profile: a minimum is a clear disc only at this fraction of the median candidate prominence or more
+#: (streaks from dense bone and 3-4x the CT noise leave 50-60 unit dips inside bodies; real discs score 150-350).
+CBCT_CLEAR_DISC_FRACTION = 0.5
+#: CBCT L5/S1 re-fit: tilts scoring within this fraction of the best are not told apart under CBCT noise and
+#: streaks; the least tilted of them is kept (a steeper plane extended behind the body hands L5's arch to S).
+CBCT_TILT_TOLERANCE = 0.05
+#: CBCT surface peel: a rim voxel is peeled below the local half maximum, halfway between the soft-tissue level and
+#: the brightest segment voxel within this radius (mm). Thin cortex blurred by the CBCT point spread (and
+#: the denoising) peaks lower than thick cortex, so one global level cuts into thin bone or leaves a halo at thick.
+LOCAL_PEAK_MM = 3.0
+#: Histogram bin (HU or CBCT grey units) for the soft-tissue mode around the spine.
+SOFT_MODE_BIN_HU = 10.0
+#: Bone brightness level of the spine neighbourhood: this percentile of its thresholded bone (the cortex).
+SPINE_DENSE_PERCENTILE = 90.0
+
+
+def cbct_level(level_hu: float, soft: float, dense: float, spacing_mm: float) -> float:
+    """A calibrated-CT level ``level_hu`` (HU) in the grey values of a CBCT whose spine shows ``soft`` / ``dense``.
+
+    Two-point linear map (CBCT grey = gain * HU + offset near the spine): :data:`SOFT_TISSUE_HU` -> ``soft`` and
+    the CT's spine dense level (:data:`CT_SPINE_DENSE_HU`, :data:`COARSE_CT_SPINE_DENSE_HU` above 1.6 mm) -> ``dense``.
+    """
+    ct_dense = CT_SPINE_DENSE_HU if spacing_mm <= 1.6 else COARSE_CT_SPINE_DENSE_HU
+    return soft + (level_hu - SOFT_TISSUE_HU) * (dense - soft) / (ct_dense - SOFT_TISSUE_HU)
+
+
+def spine_grey_levels(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_],
+                      track: NDArray[np.float64], spacing_mm: float) -> tuple[float, float]:
+    """Soft-tissue and dense-bone levels (image units) in the neighbourhood of the canal track.
+
+    The soft level is the histogram mode of the non-bone body voxels within the spine ROI (paraspinal muscles and
+    psoas dominate it; fat and bowel gas form their own, smaller peaks); the dense level is the
+    :data:`SPINE_DENSE_PERCENTILE` percentile of the bone there (the cortex). Measured locally, both follow the CBCT
+    grey-value drift (gain and offset) and the low-frequency shading (cupping) at the spine, which the whole-body
+    histogram mixes with the brighter periphery.
+
+    Args:
+        hu: Working-grid intensities ``(I, J, K)``.
+        bone: Thresholded bone, same grid.
+        body: Body mask, same grid.
+        track: ``(K, 2)`` canal centre per slice (voxel units, NaN where none).
+        spacing_mm: Isotropic voxel size, mm.
+
+    Returns:
+        ``(soft, dense)`` in the units of ``hu``; NaN when the ROI holds no soft tissue or no bone.
+    """
+    roi = _spine_roi(hu.shape, track, spacing_mm, lateral_mm=55.0, anterior_mm=65.0, posterior_mm=60.0) & body
+    near_bone = ndimage.binary_dilation(bone & roi, iterations=max(1, round(3.0 / spacing_mm)))
+    soft_vals = hu[roi & ~near_bone]
+    bone_vals = hu[roi & bone]
+    if soft_vals.size < 100 or bone_vals.size < 100:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(soft_vals, [1.0, 99.0])
+    bins = np.arange(float(lo), float(hi) + SOFT_MODE_BIN_HU, SOFT_MODE_BIN_HU)
+    counts, edges = np.histogram(soft_vals, bins=bins)
+    counts = ndimage.gaussian_filter1d(counts.astype(float), sigma=2.0)
+    peak = int(np.argmax(counts))
+    soft = float(0.5 * (edges[peak] + edges[peak + 1]))
+    return soft, float(np.percentile(bone_vals, SPINE_DENSE_PERCENTILE))
+
+
 def _largest_component(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     lab, n = ndimage.label(mask)
     if n == 0:
@@ -112,9 +194,13 @@ def _largest_component(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     return lab == (int(np.argmax(sizes)) + 1)
 
 
-def _canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float,
-                 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
-    """Per axial slice, the centre of the canal hole (NaN where no closed ring is seen)."""
+def _canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float, *,
+                 max_hole_hu: float = CANAL_CANDIDATE_MAX_HU) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Per axial slice, the centre of the canal hole (NaN where no closed ring is seen).
+
+    Candidate holes are darker than ``max_hole_hu`` on average (units of ``hu``; :data:`CANAL_CANDIDATE_MAX_HU`
+    on CT).
+    """
     n_k = hu.shape[2]
     track = np.full((n_k, 2), np.nan)
     canal = np.zeros(hu.shape, bool)
@@ -138,7 +224,7 @@ def _canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.boo
                 if not 60.0 <= area <= 700.0:
                     continue
                 mean_hu = float(hu[:, :, k][obj][hole].mean())
-                if mean_hu > CANAL_CANDIDATE_MAX_HU:
+                if mean_hu > max_hole_hu:
                     continue
                 ci, cj = ndimage.center_of_mass(hole)
                 full = np.zeros(sl.shape, bool)
@@ -255,6 +341,35 @@ def _enclosed_canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArr
     return track, canal
 
 
+#: A canal centre further than this (mm, in plane) from the median of its neighbours within
+#: :data:`CANAL_SPIKE_WINDOW_MM` is not the canal (the canal follows the spine's curvature, far smoother).
+CANAL_SPIKE_MM = 8.0
+CANAL_SPIKE_WINDOW_MM = 9.0
+
+
+def _despike_track(track: NDArray[np.float64], canal: NDArray[np.bool_], spacing_mm: float) -> None:
+    """Remove (in place: NaN in ``track``, cleared slices of ``canal``) canal centres that jump off the track.
+
+    Args:
+        track: ``(K, 2)`` canal centre per slice (voxel units, NaN where none).
+        canal: Canal mask ``(I, J, K)``.
+        spacing_mm: Isotropic voxel size, mm.
+    """
+    valid = np.nonzero(np.isfinite(track[:, 0]))[0]
+    half = max(1, round(CANAL_SPIKE_WINDOW_MM / spacing_mm))
+    spikes = []
+    for k in valid:
+        near = valid[(np.abs(valid - k) <= half) & (valid != k)]
+        if near.size < 2:
+            continue
+        ref = np.median(track[near], axis=0)
+        if float(np.hypot(*(track[k] - ref))) * spacing_mm > CANAL_SPIKE_MM:
+            spikes.append(int(k))
+    for k in spikes:
+        track[k] = np.nan
+        canal[:, :, k] = False
+
+
 def _fill_track(track: NDArray[np.float64], max_gap_slices: int) -> NDArray[np.float64]:
     out = track.copy()
     valid = np.isfinite(track[:, 0])
@@ -298,7 +413,7 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
             )
     hu = work.array.astype(np.float32)
     if modality == "cbct":
-        hu = ndimage.median_filter(hu, size=3)
+        hu = ndimage.median_filter(hu, footprint=_CBCT_MEDIAN_FOOTPRINT)
     body = _largest_component(hu > -300)
     if body.sum() * spacing**3 < 50_000:
         raise SegmentationError(f"{ct.metadata.get('source', 'image')}: no patient body found (HU > -300)")
@@ -321,31 +436,54 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
             f"{ct.metadata.get('source', 'image')}: no spinal canal found (a closed bony ring in {seen} slices)"
         )
     track = _fill_track(track, max_gap_slices=int(20 / spacing))
+    rim_soft_hu: float | None = None
+    max_canal_hu = MAX_CANAL_HU
+    marrow_min_hu = SACRAL_MARROW_MIN_HU
     if modality == "ct":
         rim_hu = 0.5 * (CORTEX_HU + SOFT_TISSUE_HU)
+        rim_soft_hu = SOFT_TISSUE_HU
     else:
-        dense = float(np.percentile(hu[bone], 90))
-        rim_hu = threshold + 0.5 * (dense - threshold)
+        # The whole-body histogram mixes the spine (darkened by cupping at the FOV centre) with the brighter
+        # periphery: calibrate on the spine's own soft tissue and cortex and use the CT's levels mapped through it.
+        soft, dense = spine_grey_levels(hu, thresholded, body, track, spacing)
+        if np.isfinite(soft) and np.isfinite(dense) and dense > soft:
+            threshold = cbct_level(FINE_CT_BONE_HU if spacing <= 1.6 else CT_BONE_HU, soft, dense, spacing)
+            rim_hu = cbct_level(0.5 * (CORTEX_HU + SOFT_TISSUE_HU), soft, dense, spacing)
+            rim_soft_hu = soft
+            max_canal_hu = cbct_level(MAX_CANAL_HU, soft, dense, spacing)
+            marrow_min_hu = cbct_level(SACRAL_MARROW_MIN_HU, soft, dense, spacing)
+            thresholded = (hu > threshold) & body
+            if spine_bone is None:
+                bone = thresholded
+                # The calibrated threshold closes more canal rings (it was set from the whole body): track again.
+                # The lower threshold also encloses dark noise/streak holes in the bodies: drop single-slice jumps.
+                track2, canal2 = _canal_track(hu, bone, body, spacing,
+                                              max_hole_hu=cbct_level(CANAL_CANDIDATE_MAX_HU, soft, dense, spacing))
+                if int(np.isfinite(track2[:, 0]).sum()) >= max(3, int(15.0 / spacing)):
+                    _despike_track(track2, canal2, spacing)
+                    track, canal = _fill_track(track2, max_gap_slices=int(20 / spacing)), canal2
+        else:
+            dense = float(np.percentile(hu[bone], 90))
+            rim_hu = threshold + 0.5 * (dense - threshold)
     # Everything after the canal works on the in-plane box around the track (the spine, the sacral alae
     # and the iliac bone beside them): several times fewer voxels than the whole body at 1 mm.
     box = _track_box(hu.shape, track, spacing, lateral_mm=SPINE_BOX_LATERAL_MM, anterior_mm=75.0, posterior_mm=75.0)
-    # A tilted L5/S1 disc below the end of the body centreline is searched for (up to MAX_CAUDAL_DISCS). A disc
-    # found that way is kept only if the segment below it touches the iliac bone (the sacrum) and the one above
-    # it hardly does (L5); otherwise the search went below the lumbosacral disc (S1/S2) and is taken back.
-    notes: list[str] = []
-    for caudal_search in range(MAX_CAUDAL_DISCS, -1, -1):
-        result, added = _segments_and_features(
-            work, hu, bone, thresholded=thresholded, canal=canal, track=track, box=box, spacing=spacing,
-            rim_hu=rim_hu, disc=disc, precomputed=spine_bone is not None, caudal_search=caudal_search)
-        contact = [float(f.get("iliac_contact_ml", 0.0)) for f in result.features[-2:]]
-        if added == 0 or (len(contact) == 2 and contact[1] >= SACRUM_ILIAC_CONTACT_ML
-                          and contact[0] < max(SACRUM_ILIAC_CONTACT_ML, L5_ILIAC_CONTACT_FRACTION * contact[1])):
-            break
-        notes.append(f"a disc found below the body centreline did not leave a free L5 above a sacrum in contact "
-                     f"with the ilia (iliac contact {contact} ml): search limited to {added - 1} disc(s)")
-    if added:
-        notes.append(f"{added} tilted disc(s) found below the end of the body centreline (lumbosacral)")
-    result.warnings.extend(notes)
+    split_options: dict[str, Any] = {
+        "rim_hu": rim_hu,
+        "peel": spine_bone is None
+        and spacing <= (RIM_PEEL_MAX_SPACING_MM if modality == "ct" else CBCT_RIM_PEEL_MAX_SPACING_MM),
+        "rim_soft_hu": rim_soft_hu,
+        "rim_peak_mm": LOCAL_PEAK_MM if modality == "cbct" else spacing,
+        "max_canal_hu": max_canal_hu,
+        "marrow_min_hu": marrow_min_hu,
+        "joint_cortex_hu": (rim_hu if modality == "ct" and spacing <= JOINT_CLEFT_MAX_SPACING_MM and spine_bone is None
+                            else None),
+        "clear_disc_fraction": CBCT_CLEAR_DISC_FRACTION if modality == "cbct" else 0.0,
+        "tilt_tolerance": CBCT_TILT_TOLERANCE if modality == "cbct" else 0.0,
+    }
+    result = _segments_and_features(work, hu, bone, thresholded=thresholded, canal=canal, track=track, box=box,
+                                    spacing=spacing, disc=disc, precomputed=spine_bone is not None,
+                                    split_options=split_options)
     rib_owner = result.rib_owner
     assert rib_owner is not None  # set by _segments_and_features
     # Naming features are measured first (volumes with the rib necks, as calibrated); then the rib necks that
@@ -356,26 +494,18 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     return result
 
 
-#: L5 may graze the iliac bone (a high-riding pelvis, partial volume) but touches it far less than the sacrum:
-#: up to this fraction of the sacrum's iliac contact (the sacroiliac joints span S1-S3, so S1 alone has about
-#: half of it).
-L5_ILIAC_CONTACT_FRACTION = 0.25
-#: Tilted discs searched below the caudal-most profile disc (the centreline stops where the canal ring opens,
-#: often above a steep L5/S1 disc; two when the L4/L5 disc was missed as well).
-MAX_CAUDAL_DISCS = 2
-
-
 def _segments_and_features(work: Volume, hu: NDArray[Any], bone: NDArray[np.bool_], *,
                            thresholded: NDArray[np.bool_], canal: NDArray[np.bool_], track: NDArray[np.float64],
-                           box: tuple[slice, slice, slice], spacing: float, rim_hu: float,
-                           disc: NDArray[np.bool_] | None, precomputed: bool, caudal_search: int,
-                           ) -> tuple[SpineSegments, int]:
-    """Separate the vertebrae in ``box`` and measure the naming features: ``(result, discs added below)``."""
+                           box: tuple[slice, slice, slice], spacing: float, disc: NDArray[np.bool_] | None,
+                           precomputed: bool, split_options: dict[str, Any]) -> SpineSegments:
+    """Separate the vertebrae in ``box`` and measure the naming features.
+
+    ``split_options``: the grey levels and modality switches of :func:`_split_vertebrae` (keyword arguments).
+    """
     offset = np.array([box[0].start, box[1].start], float)
     disc_box = None if disc is None else np.asarray(disc, bool)[box]
-    seg_box, disc_k, warnings, body_k, iliac_box, sacrum_extra, added = _split_vertebrae(
-        hu[box], bone[box], canal[box], track - offset, spacing, rim_hu=rim_hu,
-        disc=disc_box, peel=not precomputed, caudal_search=caudal_search,
+    seg_box, disc_k, warnings, body_k, iliac_box, sacrum_extra = _split_vertebrae(
+        hu[box], bone[box], canal[box], track - offset, spacing, disc=disc_box, **split_options,
     )
     segments = np.zeros(hu.shape, np.int32)
     segments[box] = seg_box
@@ -394,7 +524,7 @@ def _segments_and_features(work: Volume, hu: NDArray[Any], bone: NDArray[np.bool
     result.features = _features(result, hu, thresholded, body_k,
                                 spine_margin_vox=max(1, round(4.0 / spacing)) if precomputed else 0,
                                 iliac=iliac, rib_owner=result.rib_owner)
-    return result, added
+    return result
 
 
 #: Bone of a rib-bearing vertebra more lateral than this (mm from the canal centre) and connected there to
@@ -463,25 +593,15 @@ _CORONAL_STRUCTURE = np.zeros((3, 3, 3), bool)
 _CORONAL_STRUCTURE[:, 1, 1] = _CORONAL_STRUCTURE[1, 1, :] = True
 
 
-def _extend_to_edge_slices(segments: NDArray[np.int32], bone: NDArray[np.bool_]) -> None:
-    """Label the bone of the first and last axial slice like the slice next to it (in place).
-
-    The closing that joins the bone erodes against the volume's edge: a vertebra cut by the field of view
-    would otherwise lose its edge slice (3 mm of a 30 mm body on a coarse scan).
-    """
-    for edge, inner in ((0, 1), (segments.shape[2] - 1, segments.shape[2] - 2)):
-        take = bone[:, :, edge] & (segments[:, :, edge] == 0) & (segments[:, :, inner] > 0)
-        segments[:, :, edge][take] = segments[:, :, inner][take]
-
-
-def _fill_enclosed(segments: NDArray[np.int32], hu: NDArray[Any], canal: NDArray[np.bool_]) -> None:
+def _fill_enclosed(segments: NDArray[np.int32], hu: NDArray[Any], canal: NDArray[np.bool_], *,
+                   min_hu: float = MAX_CANAL_HU) -> None:
     """Give each segment the unlabelled voxels it encloses in a sagittal or coronal plane (in place).
 
     Low-density marrow and the basivertebral venous plexus leave holes in a body that open into the canal in
     every axial slice (so axial hole filling keeps them) but are closed by the endplates above and below.
-    Canal voxels and holes darker than :data:`MAX_CANAL_HU` (fat, CSF) are not bone and stay unlabelled.
+    Canal voxels and voxels darker than ``min_hu`` (:data:`MAX_CANAL_HU` on CT: fat, CSF) stay unlabelled.
     """
-    allowed = (segments == 0) & (hu > MAX_CANAL_HU) & ~canal
+    allowed = (segments == 0) & (hu > min_hu) & ~canal
     for value, obj in enumerate(ndimage.find_objects(segments), start=1):
         if obj is None:
             continue
@@ -526,11 +646,34 @@ def _spine_roi(shape: tuple[int, ...], track: NDArray[np.float64], spacing: floa
         return (np.abs(di) <= lateral_mm) & (dj >= -anterior_mm) & (dj <= posterior_mm)
 
 
+def _closing_fov(mask: NDArray[np.bool_], iterations: int) -> NDArray[np.bool_]:
+    """Binary closing (6-connected structure, ``iterations`` voxels) that does not erode the array's edges.
+
+    :func:`scipy.ndimage.binary_closing` treats the outside as background, so its erosion takes the first and last
+    slices away: the bone cut by the field of view (or the spine box) continues beyond them (edge replication).
+    """
+    padded = np.pad(mask, iterations, mode="edge")
+    closed = ndimage.binary_closing(padded, iterations=iterations)
+    inner = tuple(slice(iterations, iterations + n) for n in mask.shape)
+    return np.asarray(closed[inner], bool)
+
+
 def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.bool_],
                      track: NDArray[np.float64], spacing: float, *, rim_hu: float,
-                     disc: NDArray[np.bool_] | None = None, peel: bool = True, caudal_search: int = 0,
+                     disc: NDArray[np.bool_] | None = None, peel: bool = True,
+                     joint_cortex_hu: float | None = None, clear_disc_fraction: float = 0.0,
+                     rim_soft_hu: float | None = None, rim_peak_mm: float = 1.0, tilt_tolerance: float = 0.0,
+                     max_canal_hu: float = MAX_CANAL_HU, marrow_min_hu: float = SACRAL_MARROW_MIN_HU,
                      ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]],
-                                NDArray[np.bool_] | None, tuple[int, NDArray[np.bool_]] | None, int]:
+                                NDArray[np.bool_] | None, tuple[int, NDArray[np.bool_]] | None]:
+    """Body column, disc planes, seeds and the watershed that gives every spine voxel its vertebra.
+
+    ``joint_cortex_hu`` (calibrated CT only; None = off): the cortex level for :func:`_joint_clefts`, whose
+    clefts (facet joints resolved by the grid) the in-slice ring seeding and the watershed do not cross.
+    ``rim_soft_hu`` (calibrated CT only; None = off): soft tissue (HU) for the local surface level of the rim peel:
+    a rim voxel goes when it is darker than ``rim_hu`` or than the midpoint between the brightest bone next to it
+    and soft tissue.
+    """
     from skimage.segmentation import watershed
 
     warnings: list[str] = []
@@ -543,12 +686,13 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     keep = keep[keep > 0]
     spine_bone = np.isin(lab, keep)
     # Fill cancellous holes slice by slice, but never the canal or dark (fat/CSF) holes.
-    filled = _fill_cancellous(spine_bone, hu, canal)
-    spine_bone = ndimage.binary_closing(filled, iterations=1) & roi & ~canal
+    filled = _fill_cancellous(spine_bone, hu, canal, max_canal_hu=max_canal_hu)
+    spine_bone = _closing_fov(filled, 1) & roi & ~canal
     # Osteoporotic bodies at fine spacing: cancellous bone below the (fine-grid) threshold leaves an open
     # cortical shell that hole filling cannot close. Axial slices through a disc also cut the endplates of
     # both neighbours: the fill is taken back near the disc planes once they are known.
-    shell_fill = _fill_open_bodies(spine_bone, hu, canal, track, spacing) if spacing <= 1.6 else None
+    shell_fill = (_fill_open_bodies(spine_bone, hu, canal, track, spacing, max_canal_hu=max_canal_hu)
+                  if spacing <= 1.6 else None)
     if shell_fill is not None:
         spine_bone |= shell_fill
 
@@ -565,19 +709,13 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # discs, the column between two consecutive disc planes is one body.
     centre = _body_centreline(column, spacing)
     profile, tangent = _centreline_profile(hu, centre, spacing)
-    planes = _profile_discs(profile, centre, tangent, spacing)
+    planes = _profile_discs(profile, centre, tangent, spacing, clear_fraction=clear_disc_fraction)
     if planes:
         # The centreline stops where the canal ring opens (the sacrum): the caudal-most disc (L5/S1 when the
         # sacrum is in view) was sampled nearly axially although the sacral slope tilts it 20-50 degrees.
         planes[0] = _refine_disc(hu, planes[0], spacing, k_half_mm=9.0, j_range_mm=(-10.0, 25.0),
-                                 tilt_deg=CAUDAL_DISC_TILT_DEG)
-    added = 0
-    while added < caudal_search and len(planes) >= 2:
-        found = _disc_below(hu, planes, spacing)
-        if found is None:
-            break
-        planes.insert(0, found)
-        added += 1
+                                 tilt_deg=CAUDAL_DISC_TILT_DEG, tilt_tolerance=tilt_tolerance,
+                                 same_sampler=tilt_tolerance > 0.0)  # both for CBCT only (noisy scores)
     # One clear disc is enough to cut a short field of view (two partial vertebrae around one disc).
     use_planes = len(planes) >= 2 or (len(planes) == 1 and planes[0].prominence_hu >= 2 * DISC_PROMINENCE_HU)
     if shell_fill is not None and planes and shell_fill.any():
@@ -637,7 +775,8 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # Below the caudal-most disc the sacrum (canal ring open, body leaning back with the sacral slope) lies
     # mostly outside the canal-track ROI: its bone below that disc plane joins the watershed, seeded from
     # the bone right under the disc and competing with the iliac bone lateral to the sacroiliac joints.
-    sacral = _sacral_region(hu, bone, canal, planes, spacing) if len(planes) >= 2 else None
+    sacral = (_sacral_region(hu, bone, canal, planes, spacing, max_canal_hu=max_canal_hu)
+              if len(planes) >= 2 else None)
     if sacral is not None:
         seed, sacral_bone, _iliac = sacral
         below = [n for n, (_a, _b, m) in enumerate(split) if np.median(index[m]) == 0]
@@ -664,7 +803,12 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # In an axial slice through a body, the bone connected to it in that slice (pedicles,
     # laminae, transverse processes: the ring around the canal) belongs to it: seed that first,
     # so that touching arches of neighbours cannot claim it in 3-D.
-    comp_all, n_comp_all = ndimage.label(spine_bone, structure=_SLICE_STRUCTURE)
+    # Joint clefts (facets) are not crossed by the in-slice ring: an inferior articular process reaching down
+    # beside the superior process of the vertebra below stays with its own vertebra.
+    cleft = np.zeros(bone.shape, bool)
+    if joint_cortex_hu is not None:
+        cleft = _joint_clefts(hu, spine_bone, joint_cortex_hu)
+    comp_all, n_comp_all = ndimage.label(spine_bone & ~cleft, structure=_SLICE_STRUCTURE)
     for k in range(bone.shape[2]):
         present = np.unique(markers[:, :, k])
         present = present[present > 0]
@@ -692,19 +836,19 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     if objs and objs[0] is not None:
         # On the bone's bounding box (one voxel of background around it keeps the distances exact).
         sb = tuple(slice(max(0, o.start - 1), min(n, o.stop + 1)) for o, n in zip(objs[0], bone.shape, strict=True))
-        distance = ndimage.distance_transform_edt(flood_bone[sb], sampling=[spacing] * 3)
+        # Joint clefts count as background for the distance: the flood crosses them last.
+        distance = ndimage.distance_transform_edt(flood_bone[sb] & ~cleft[sb], sampling=[spacing] * 3)
         segments[sb] = watershed(-distance, markers=markers[sb], mask=flood_bone[sb]).astype(np.int32)
     segments[segments == iliac_label] = 0
-    _extend_to_edge_slices(segments, bone & ~canal)
-    _fill_enclosed(segments, hu, canal)
+    _fill_enclosed(segments, hu, canal, min_hu=max_canal_hu)
     if sacral is not None:
         # The sacrum's thin cortices around low-density cancellous bone (and the sacral foramina's rims)
         # leave it hollow at the threshold: close it and fill its in-plane holes (not fat, not the canal).
         values, counts = np.unique(markers[sacral[0]], return_counts=True)
         sacrum_label = int(values[np.argmax(counts)])
         sac = segments == sacrum_label
-        allowed = (hu > MAX_CANAL_HU) & ~canal & ~sacral[2]
-        grown = ndimage.binary_closing(sac, iterations=max(1, round(3.0 / spacing)))
+        allowed = (hu > max_canal_hu) & ~canal & ~sacral[2]
+        grown = _closing_fov(sac, max(1, round(3.0 / spacing)))
         grown = ndimage.binary_fill_holes(grown, structure=_SLICE_STRUCTURE)
         segments[grown & (segments == 0) & allowed] = sacrum_label
         sac = segments == sacrum_label
@@ -721,16 +865,28 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
             wide[sb] = ndimage.binary_fill_holes(
                 ndimage.binary_closing(np.pad(sac[sb], it), iterations=it)[it:-it, it:-it, it:-it],
                 structure=_SLICE_STRUCTURE)
-            sacrum_extra = wide & (segments == 0) & ~canal & ~sacral[2] & (hu > SACRAL_MARROW_MIN_HU)
-    if spacing <= 1.6 and peel:
+            sacrum_extra = wide & (segments == 0) & ~canal & ~sacral[2] & (hu > marrow_min_hu)
+    if spacing <= RIM_PEEL_MAX_SPACING_MM and peel:
         # The threshold that keeps thin cortex connected puts the surface ~half a voxel outside the
-        # bone (partial volume): peel the outer rim where it is darker than the cortex mid-level.
+        # bone (partial volume): peel the outer rim where it is darker than the cortex mid-level (calibrated CT:
+        # the local one, see rim_soft_hu).
         # The sacrum's thin cortex over fatty marrow is darker than the cortex mid-level all along: what the peel
         # takes from it is given back once naming confirms the sacrum.
+        level: float | NDArray[np.float32] = rim_hu
+        peak_size = 2 * max(1, round(rim_peak_mm / spacing)) + 1
         for _ in range(2):
             solid = segments > 0
-            rim = solid & ~ndimage.binary_erosion(solid)
-            peeled = rim & (hu < rim_hu)
+            # The edges of the array (the field of view, the spine box) cut the bone: not its surface.
+            rim = solid & ~ndimage.binary_erosion(solid, border_value=1)
+            if rim_soft_hu is not None:
+                # A partial-volume voxel is inside the bone when more than half of it is bone: darker than halfway
+                # between the nearby bone peak and soft tissue, it is outside (never below rim_hu). Where the
+                # cortex is resolved brighter than CORTEX_HU (fine grids, dense bone) that level is above rim_hu.
+                peak = ndimage.maximum_filter(np.where(solid, hu, np.float32(-1024.0)).astype(np.float32),
+                                              size=peak_size)
+                level = np.maximum(np.float32(rim_hu),
+                                   np.float32(rim_soft_hu) + np.float32(0.5) * (peak - np.float32(rim_soft_hu)))
+            peeled = rim & (hu < level)
             if sacrum_extra is not None:
                 sacrum_extra |= peeled & (segments == sacrum_label)
             segments[peeled] = 0
@@ -742,7 +898,48 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     body_k = [(int(split[old - 1][0]), int(split[old - 1][1])) for old in order]
     extra = None if sacrum_extra is None or not sacrum_extra.any() else (int(remap[sacrum_label]), sacrum_extra)
     return (remap[segments], [int(d) for d in discs], warnings, body_k, (None if sacral is None else sacral[2]),
-            extra, added)
+            extra)
+
+
+#: 13 half-space neighbour offsets (voxels) of the 26-neighbourhood: each line through a voxel once.
+_HALF_NEIGHBOURS = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) > (0, 0, 0)]
+
+
+def _shifted(arr: NDArray[Any], offset: tuple[int, int, int], fill: Any) -> NDArray[Any]:
+    """``out[v] = arr[v + offset]`` (voxels), ``fill`` where ``v + offset`` leaves the array."""
+    out = np.full(arr.shape, fill, dtype=arr.dtype)
+    src = tuple(slice(max(0, o), n + min(0, o)) for o, n in zip(offset, arr.shape, strict=True))
+    dst = tuple(slice(max(0, -o), n + min(0, -o)) for o, n in zip(offset, arr.shape, strict=True))
+    out[dst] = arr[src]
+    return out
+
+
+def _joint_clefts(hu: NDArray[Any], bone: NDArray[np.bool_], cortex_hu: float) -> NDArray[np.bool_]:
+    """Voxels of ``bone`` in a one-voxel dark cleft between the cortices of two bones (a synovial joint).
+
+    A facet joint (~1 mm of cartilage and joint space) between two articular processes that the bone mask
+    fuses: along some line through the voxel, both neighbours are cortex (at least ``cortex_hu``), the voxel is
+    darker than the midpoint between the darker of them and soft tissue (more than half of it is joint space),
+    and the voxels one further on both sides are bone again (the processes' cores). The dark core of one thin
+    process flanked by its own cortex fails the last test (soft tissue beyond its cortices).
+
+    Args:
+        hu: Working-grid intensities ``(I, J, K)``, HU.
+        bone: Bone mask, same grid (cancellous holes filled).
+        cortex_hu: Lowest HU of a cortex voxel.
+
+    Returns:
+        bool mask, same grid.
+    """
+    hu = np.asarray(hu, np.float32)
+    out = np.zeros(bone.shape, bool)
+    for offset in _HALF_NEIGHBOURS:
+        neg = (-offset[0], -offset[1], -offset[2])
+        flank = np.minimum(_shifted(hu, offset, np.float32(-1024.0)), _shifted(hu, neg, np.float32(-1024.0)))
+        far = (_shifted(bone, (2 * offset[0], 2 * offset[1], 2 * offset[2]), False)
+               & _shifted(bone, (2 * neg[0], 2 * neg[1], 2 * neg[2]), False))
+        out |= (flank >= cortex_hu) & (hu < 0.5 * (flank + SOFT_TISSUE_HU)) & far
+    return out & bone
 
 
 #: A body slice is an open cortical shell when bone lies within 2 mm of at least this fraction of the
@@ -755,14 +952,14 @@ DISC_HALF_MM = 4.0
 
 
 def _fill_open_bodies(spine_bone: NDArray[np.bool_], hu: NDArray[Any], canal: NDArray[np.bool_],
-                      track: NDArray[np.float64], spacing: float) -> NDArray[np.bool_]:
+                      track: NDArray[np.float64], spacing: float, *,
+                      max_canal_hu: float = MAX_CANAL_HU) -> NDArray[np.bool_]:
     """Interior of vertebral bodies whose cortical shell is open in an axial slice (cancellous bone too dark).
 
     Per slice, the bone of ``spine_bone`` in front of the canal (at least 6 mm anterior of the canal centre,
     within :data:`BODY_SHELL_BOX_MM`; the shell may be broken into pieces) is replaced by its convex hull when
     bone covers at least :data:`SHELL_COVERAGE` of the hull's boundary and the hull is at least 1.5x the bone's
-    area. Canal and voxels
-    darker than :data:`MAX_CANAL_HU` (fat) are never added.
+    area. Canal and voxels darker than ``max_canal_hu`` (fat; :data:`MAX_CANAL_HU` on CT) are never added.
 
     Args:
         spine_bone: Spine bone on the working grid ``(I, J, K)``.
@@ -770,6 +967,7 @@ def _fill_open_bodies(spine_bone: NDArray[np.bool_], hu: NDArray[Any], canal: ND
         canal: Canal mask, same grid.
         track: ``(K, 2)`` canal centre per slice (voxel units, NaN where none).
         spacing: Isotropic voxel size, mm.
+        max_canal_hu: Dark-hole limit in the units of ``hu``.
 
     Returns:
         bool mask of the voxels to add (same grid).
@@ -796,7 +994,7 @@ def _fill_open_bodies(spine_bone: NDArray[np.bool_], hu: NDArray[Any], canal: ND
         covered = rim & ndimage.binary_dilation(part, iterations=near)
         if covered.sum() < SHELL_COVERAGE * rim.sum():
             continue
-        add[i0:i1, j0:j1, k] = hull & ~part & (hu[i0:i1, j0:j1, k] > MAX_CANAL_HU) & ~canal[i0:i1, j0:j1, k]
+        add[i0:i1, j0:j1, k] = hull & ~part & (hu[i0:i1, j0:j1, k] > max_canal_hu) & ~canal[i0:i1, j0:j1, k]
     return add
 
 
@@ -1098,8 +1296,11 @@ class DiscPlane:
 
 
 def _profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tangent: NDArray[np.float64],
-                   spacing: float) -> list[DiscPlane]:
+                   spacing: float, *, clear_fraction: float = 0.0) -> list[DiscPlane]:
     """Discs = minima of the centreline profile, flanked by brighter endplates within +-8 mm.
+
+    A minimum is a clear disc at twice :data:`DISC_PROMINENCE_HU` and at least ``clear_fraction`` of the median
+    prominence of the candidates (CBCT: :data:`CBCT_CLEAR_DISC_FRACTION`); shallower ones must not cut a body short.
 
     Returns:
         Disc planes ordered caudal -> cranial (increasing k).
@@ -1129,17 +1330,74 @@ def _profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], ta
     # body, a vessel) counts only where it does not cut a body shorter than 3/4 of the typical
     # spacing of the clear discs.
     clear_hu = 2 * DISC_PROMINENCE_HU
+    if candidates and clear_fraction > 0.0:
+        clear_hu = max(clear_hu, clear_fraction * float(np.median([c.prominence_hu for c in candidates])))
     strong = sorted((c for c in candidates if c.prominence_hu >= clear_hu), key=lambda c: c.k)
     if len(strong) < 2:
         return sorted(candidates, key=lambda c: c.k) if len(candidates) <= 2 else strong
     gaps = np.diff([c.k for c in strong])
     typical = float(np.median(gaps))
     accepted = list(strong)
-    for cand in sorted((c for c in candidates if c.prominence_hu < clear_hu),
-                       key=lambda c: -c.prominence_hu):
+    weak = [c for c in candidates if c.prominence_hu < clear_hu]
+    # Thick discs are accepted like the shallow minima: only where they do not cut a short body.
+    weak += _thick_discs(profile, centre, tangent, spacing, candidates=candidates, strong=strong)
+    for cand in sorted(weak, key=lambda c: -c.prominence_hu):
         if all(abs(cand.k - a.k) >= 0.75 * typical for a in accepted):
             accepted.append(cand)
     return sorted(accepted, key=lambda c: c.k)
+
+
+#: Thickest intervertebral disc (mm along the centreline) that :func:`_thick_discs` looks for.
+MAX_DISC_THICKNESS_MM = 18.0
+
+
+def _thick_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tangent: NDArray[np.float64],
+                 spacing: float, *, candidates: list[DiscPlane], strong: list[DiscPlane]) -> list[DiscPlane]:
+    """Discs thicker than the +-8 mm prominence window: a dark run flanked by endplates beyond the window.
+
+    A disc of 9-15 mm (lower lumbar) has a flat minimum whose darkest sample may lie more than 8 mm from one of the
+    endplates, so :func:`scipy.signal.find_peaks` sees no prominence on that side. Here a disc is a run of samples
+    at most as dark as the clear discs (``strong``: their brightest minimum plus :data:`DISC_PROMINENCE_HU`), at
+    most :data:`MAX_DISC_THICKNESS_MM` long, holding no other candidate, with samples brighter than the run by at
+    least :data:`DISC_PROMINENCE_HU` within 8 mm beyond both of its ends. The plane goes through the run's middle.
+
+    Args:
+        profile: ``(K,)`` mean HU per slice along the body centreline (NaN where none).
+        centre: ``(K, 2)`` body centre per slice (voxel units).
+        tangent: ``(K, 3)`` unit centreline tangent per slice.
+        spacing: Isotropic voxel size, mm.
+        candidates: Minima already found (any prominence).
+        strong: The clear discs.
+
+    Returns:
+        The thick-disc planes (``prominence_hu`` = the darker endplate minus the run's minimum).
+    """
+    if not strong:
+        return []
+    dark_hu = float(max(profile[c.k] for c in strong)) + DISC_PROMINENCE_HU
+    reach = max(2, round(8.0 / spacing))
+    longest = max(1, round(MAX_DISC_THICKNESS_MM / spacing))
+    taken = {c.k for c in candidates}
+    with np.errstate(invalid="ignore"):
+        dark = np.isfinite(profile) & (profile <= dark_hu)
+    runs, n_runs = ndimage.label(dark)
+    out: list[DiscPlane] = []
+    for run in range(1, n_runs + 1):
+        ks = np.nonzero(runs == run)[0]
+        lo, hi = int(ks[0]), int(ks[-1])
+        if len(ks) > longest or any(lo <= k <= hi for k in taken):
+            continue
+        below = profile[max(0, lo - reach): lo]
+        above = profile[hi + 1: hi + 1 + reach]
+        if not (np.isfinite(below).any() and np.isfinite(above).any()):
+            continue
+        floor = float(np.min(profile[lo: hi + 1]))
+        prominence = min(float(np.nanmax(below)), float(np.nanmax(above))) - floor
+        if prominence < DISC_PROMINENCE_HU:
+            continue
+        k = (lo + hi) // 2
+        out.append(DiscPlane(k, np.array([centre[k, 0], centre[k, 1], float(k)]), tangent[k].copy(), prominence))
+    return out
 
 
 #: A disc candidate much shallower than the typical one (this fraction of the median prominence) must be
@@ -1156,7 +1414,8 @@ def _with_endplates(candidates: list[DiscPlane], profile: NDArray[np.float64], s
     A dip of the centreline profile inside a body (cancellous bone darker in the middle, a vascular
     channel) or inside the sacrum (no endplates, bone darker than the mobile bodies) has the shape of a
     shallow minimum but not the bright cortical endplates of a disc; degenerate or wide discs that score a
-    low prominence in the +-8 mm window keep their endplates.
+    low prominence in the +-8 mm window keep their endplates. The caudal-most candidate (the lumbosacral disc,
+    whose sacral endplate is tilted) needs the endplate above it only, when it is as dark as the clear discs.
 
     Args:
         candidates: Profile minima.
@@ -1170,6 +1429,11 @@ def _with_endplates(candidates: list[DiscPlane], profile: NDArray[np.float64], s
     level = float(np.median(values))
     need = level + ENDPLATE_EXCESS * (float(np.percentile(values, 95)) - level)
     reach = max(2, round(ENDPLATE_SEARCH_MM / spacing))
+    clear = [c for c in candidates if c.prominence_hu >= WEAK_DISC_FRACTION * median_prom]
+    # As dark as the clear discs (disc tissue, not dark cancellous bone): at most their brightest minimum plus
+    # the minimum disc prominence.
+    disc_dark_hu = float(np.max([profile[c.k] for c in clear])) + DISC_PROMINENCE_HU if clear else -np.inf
+    caudal_k = min(c.k for c in candidates)
     kept = []
     for cand in candidates:
         if cand.prominence_hu >= WEAK_DISC_FRACTION * median_prom:
@@ -1179,6 +1443,10 @@ def _with_endplates(candidates: list[DiscPlane], profile: NDArray[np.float64], s
         above = profile[cand.k + 1: cand.k + reach + 1]
         sides = [float(np.nanmax(side)) if np.isfinite(side).any() else -np.inf for side in (below, above)]
         if min(sides) >= need:
+            kept.append(cand)
+        elif cand.k == caudal_k and sides[1] >= need and profile[cand.k] <= disc_dark_hu:
+            # The lumbosacral disc: the sacral endplate under it is tilted by the sacral slope (30-50 degrees), so
+            # the near-axial profile averages it with the disc and only L5's endplate above stands out.
             kept.append(cand)
     return kept
 
@@ -1192,21 +1460,26 @@ SACRAL_SEED_LATERAL_MM = 22.0
 SACRAL_SEED_DEPTH_MM = 25.0
 
 
-def _fill_cancellous(mask: NDArray[np.bool_], hu: NDArray[Any], canal: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    """``mask`` with its in-plane holes filled, except the canal and holes darker than :data:`MAX_CANAL_HU`."""
+def _fill_cancellous(mask: NDArray[np.bool_], hu: NDArray[Any], canal: NDArray[np.bool_], *,
+                     max_canal_hu: float = MAX_CANAL_HU) -> NDArray[np.bool_]:
+    """``mask`` with its in-plane holes filled, except the canal and holes darker than ``max_canal_hu``.
+
+    ``max_canal_hu`` is in the units of ``hu``: :data:`MAX_CANAL_HU` on CT, mapped by :func:`cbct_level` on CBCT.
+    """
     filled = mask.copy()
     holes = ndimage.binary_fill_holes(mask, structure=_SLICE_STRUCTURE) & ~mask
     hl, n = ndimage.label(holes, structure=_SLICE_STRUCTURE)
     if n:
         means = np.asarray(ndimage.mean(hu, hl, index=np.arange(1, n + 1)))
-        ok = means > MAX_CANAL_HU
+        ok = means > max_canal_hu
         ok[np.unique(hl[canal & (hl > 0)]) - 1] = False
         filled |= np.concatenate([[False], ok])[hl]
     return filled
 
 
 def _sacral_region(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.bool_], planes: list[DiscPlane],
-                   spacing: float) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]] | None:
+                   spacing: float, *, max_canal_hu: float = MAX_CANAL_HU,
+                   ) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]] | None:
     """Bone below the caudal-most disc plane, for the sacrum's watershed (working-grid masks, shape of ``bone``).
 
     Returns:
@@ -1227,7 +1500,7 @@ def _sacral_region(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.
     region = bone & (along_mm < -0.5 * spacing)
     if not region.any():
         return None
-    region = _fill_cancellous(region, hu, canal) & ~canal
+    region = _fill_cancellous(region, hu, canal, max_canal_hu=max_canal_hu) & ~canal
     lateral_mm = np.abs(ii - c[0]) * spacing
     seed = region & (lateral_mm <= SACRAL_SEED_LATERAL_MM) & (along_mm > -SACRAL_SEED_DEPTH_MM)
     # Only the S1 body proper: in front of the canal, within ~40 mm of the disc centre along the endplate.
@@ -1316,46 +1589,25 @@ def _cut_at_planes(mask: NDArray[np.bool_], planes: list[DiscPlane], spacing: fl
 CAUDAL_DISC_TILT_DEG = (-10.0, 65.0)
 
 
-#: A disc searched below the caudal-most one counts when its score reaches this fraction of the median
-#: prominence of the profile discs (and at least twice DISC_PROMINENCE_HU).
-CAUDAL_DISC_MIN_FRACTION = 0.3
-
-
-def _disc_below(hu: NDArray[Any], planes: list[DiscPlane], spacing: float) -> DiscPlane | None:
-    """A tilted disc about one disc spacing below ``planes[0]`` (the caudal-most), or None.
-
-    The search (:func:`_refine_disc`) is centred one median disc spacing down along the caudal disc's normal,
-    +-0.35 of a spacing in k, 10 mm behind to 30 mm in front of it, tilts CAUDAL_DISC_TILT_DEG.
-    """
-    ks = sorted(float(p.centre_ijk[2]) for p in planes)
-    gap = float(np.median(np.diff(ks)))
-    lowest = planes[0]
-    guess = lowest.centre_ijk - gap * lowest.normal_ijk
-    if guess[2] < 1:
-        return None
-    start = DiscPlane(round(float(guess[2])), guess, lowest.normal_ijk, 0.0)
-    found = _refine_disc(hu, start, spacing, k_half_mm=0.35 * gap * spacing, j_range_mm=(-10.0, 30.0),
-                         tilt_deg=CAUDAL_DISC_TILT_DEG)
-    need = max(2 * DISC_PROMINENCE_HU, CAUDAL_DISC_MIN_FRACTION * float(np.median([p.prominence_hu for p in planes])))
-    if found is start or found.prominence_hu < need or found.centre_ijk[2] >= lowest.centre_ijk[2] - 0.5 * gap:
-        return None
-    return found
-
-
 def _refine_disc(hu: NDArray[Any], plane: DiscPlane, spacing: float, *, k_half_mm: float,
-                 j_range_mm: tuple[float, float], tilt_deg: tuple[float, float]) -> DiscPlane:
+                 j_range_mm: tuple[float, float], tilt_deg: tuple[float, float],
+                 tilt_tolerance: float = 0.0, same_sampler: bool = False) -> DiscPlane:
     """Re-fit a disc's position and sagittal tilt to the darkest disc-shaped slab between bright endplates.
 
     Disc-shaped samples (radius 9 mm) are tried on a grid of centres in the sagittal plane through
     ``plane.centre_ijk`` (k within +-``k_half_mm``, j offsets within ``j_range_mm``, 2 mm steps) and tilts
     of the normal ``n = (0, -sin t, cos t)`` (voxel axes i, j, k: leaning anteriorly for positive t,
     5 degree steps). Score = the darker of the two endplate samples (5-7 mm along +-n) minus the disc
-    sample (HU). The profile's axial-ish disc is kept when no candidate scores higher than it.
+    sample (HU). The profile's axial-ish disc is kept when no candidate scores higher than it: higher than its
+    profile prominence, or (``same_sampler``, CBCT) than its own score with these samples along its own normal.
+    Among the tilts scoring within ``tilt_tolerance`` (a fraction) of the best, the least tilted is taken.
 
     Args:
         hu: Working-grid intensities ``(I, J, K)``.
         plane: The profile disc (voxel units).
         spacing: Isotropic voxel size, mm.
+        tilt_tolerance: Score fraction within which tilts count as equal (0: the best one).
+        same_sampler: Compare with the plane's own disc-sample score instead of its profile prominence.
 
     Returns:
         The re-fitted plane (``prominence_hu`` = its score) or ``plane``.
@@ -1374,21 +1626,33 @@ def _refine_disc(hu: NDArray[Any], plane: DiscPlane, spacing: float, *, k_half_m
     angles = np.linspace(0.0, 2 * np.pi, 10, endpoint=False)
     rr, aa = np.meshgrid(radii, angles, indexing="ij")
     rr, aa = rr.ravel(), aa.ravel()
-    best = (-np.inf, c0, plane.normal_ijk)
-    for tilt in np.deg2rad(np.arange(tilt_deg[0], tilt_deg[1] + 1e-6, 5.0)):
-        n = np.array([0.0, -np.sin(tilt), np.cos(tilt)])
-        u = np.array([1.0, 0.0, 0.0])
+
+    def scores(points: NDArray[np.float64], n: NDArray[np.float64]) -> NDArray[np.float64]:
+        # In-plane axes: left-right as far as the normal allows (exactly i for a sagittal tilt), and n x u.
+        u = np.array([1.0, 0.0, 0.0]) - n[0] * n
+        u /= max(float(np.linalg.norm(u)), 1e-9)
         v = np.cross(n, u)
         offsets = u[None, :] * (rr * np.cos(aa))[:, None] + v[None, :] * (rr * np.sin(aa))[:, None]  # (M, 3)
         means = []
         for shift_mm in (0.0, 5.0, 7.0, -5.0, -7.0):
-            pts = centres[:, None, :] + offsets[None, :, :] + n * (shift_mm / spacing)
+            pts = points[:, None, :] + offsets[None, :, :] + n * (shift_mm / spacing)
             vals = ndimage.map_coordinates(hu, pts.reshape(-1, 3).T, order=1, mode="nearest")
-            means.append(vals.reshape(len(centres), -1).mean(axis=1))
-        score = np.minimum(0.5 * (means[1] + means[2]), 0.5 * (means[3] + means[4])) - means[0]
+            means.append(vals.reshape(len(points), -1).mean(axis=1))
+        return np.minimum(0.5 * (means[1] + means[2]), 0.5 * (means[3] + means[4])) - means[0]
+
+    per_tilt: list[tuple[float, float, NDArray[np.float64], NDArray[np.float64]]] = []
+    for tilt in np.deg2rad(np.arange(tilt_deg[0], tilt_deg[1] + 1e-6, 5.0)):
+        n = np.array([0.0, -np.sin(tilt), np.cos(tilt)])
+        score = scores(centres, n)
         idx = int(np.argmax(score))
-        if score[idx] > best[0]:
-            best = (float(score[idx]), centres[idx].copy(), n)
-    if best[0] <= plane.prominence_hu:
+        per_tilt.append((float(score[idx]), float(tilt), centres[idx].copy(), n))
+    top = max(p[0] for p in per_tilt)
+    own = plane.prominence_hu
+    if same_sampler:
+        normal = np.asarray(plane.normal_ijk, float)
+        own = float(scores(np.asarray(c0, float)[None, :], normal / np.linalg.norm(normal))[0])
+    if top <= own:
         return plane
-    return DiscPlane(round(float(best[1][2])), best[1], best[2], best[0])
+    near = [p for p in per_tilt if p[0] >= top - tilt_tolerance * abs(top)]
+    chosen = near[0] if tilt_tolerance == 0.0 else min(near, key=lambda p: abs(p[1]))
+    return DiscPlane(round(float(chosen[2][2])), chosen[2], chosen[3], chosen[0])

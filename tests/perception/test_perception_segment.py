@@ -31,10 +31,13 @@ def test_phantom_levels_are_named_correctly(phantom_ct: tuple[Volume, Volume]) -
     assert all(named[k] == k for k in named), ident["pairs"]
     assert result.anchors and result.level_confidence >= 0.6
     scores = per_level_scores(result.labels, truth)
-    # Measured floor of the classical backend (posterior elements split at facet joints are
-    # the main error); the issue's 0.95 target is not met yet.
+    # Measured 0.94-0.96 for L1-L5 (facet clefts not crossed, local half-contrast surface, field-of-view edges
+    # kept); before: 0.89-0.92. The remaining error: inferior articular processes that touch the vertebra
+    # below through partial volume, and the one-voxel surface shell.
     for level in ("L1", "L2", "L3", "L4", "L5"):
-        assert scores[level]["dice"] >= 0.75, (level, scores[level])
+        assert scores[level]["dice"] >= 0.92, (level, scores[level])
+    # T11, cut by the top of the field of view, is not thinned at the cut (before: 0.83).
+    assert scores["T11"]["dice"] >= 0.92, scores["T11"]
     assert set(result.levels) >= {"L1", "L2", "L3", "L4", "L5"}
 
 
@@ -47,6 +50,25 @@ def test_cbct_names_are_right_or_flagged(seed: int) -> None:
     # Never a confident wrong shift: either every lumbar level is right, or the confidence says
     # the names must be checked.
     assert all(lumbar) or (result.level_confidence <= 0.5 and result.warnings), (ident, result.warnings)
+
+
+def test_cbct_sacrum_and_dice() -> None:
+    """CBCT phantom 103 (cupping, grey drift, streaks, 200 mm FOV): every level named from both anchors, Dice per level.
+
+    Before the spine-local grey calibration the sacrum was missed (S Dice 0.0, named from the ribs alone at 0.6)
+    and the vertebrae scored 0.70-0.78.
+    """
+    phantom = generate_phantom(PhantomConfig(seed=103, modality="cbct", spacing_mm=1.5))
+    result = segment_volume(phantom.ct, backend="classical", modality="cbct")
+    ident = level_identification(result.labels, phantom.labels,
+                                 min_ref_voxels=int(5.0 / phantom.labels.voxel_volume_ml()))
+    assert ident["accuracy"] == 1.0 and ident["shift"] == 0, ident["pairs"]
+    assert set(result.anchors) == {"sacrum", "ribs"} and result.level_confidence >= 0.9, result.warnings
+    scores = per_level_scores(result.labels, phantom.labels, min_ref_ml=2.0)
+    # Measured: T11 0.81, T12 0.87, L1 0.91, L2 0.90, L3 0.90, L4 0.91, L5 0.92, S 0.82.
+    for level, floor in {"T11": 0.76, "T12": 0.83, "L1": 0.87, "L2": 0.86, "L3": 0.86, "L4": 0.87, "L5": 0.88,
+                         "S": 0.77}.items():
+        assert scores[level]["dice"] >= floor, (level, scores[level])
 
 
 def test_real_ct_levels_and_dice(shared_data: Path) -> None:
@@ -106,19 +128,19 @@ def test_sacrum_found_by_shape_below_the_canal_ring() -> None:
 
 
 @pytest.mark.parametrize("seed", [204, 210])
-def test_steep_lumbosacral_disc_below_the_centreline_is_found(seed: int) -> None:
-    """Held-out phantoms whose body centreline ends above a steep L5/S1 disc (210: L4/L5 missed as well).
+def test_steep_lumbosacral_disc_is_found(seed: int) -> None:
+    """Held-out phantoms whose body centreline ends above a steep L5/S1 disc (210: L4/L5 shallow as well).
 
-    Before the search below the caudal-most profile disc, L5 was merged into the sacrum (204, at confidence
-    0.95) or every name was shifted (210). Measured after: all names right, lowest level Dice 0.86 / 0.80.
+    At the start of session 3, L5 was merged into the sacrum (204, at confidence 0.95) or every name was
+    shifted (210). The caudal-most profile minimum now needs only L5's endplate above it (when as dark as
+    the clear discs), and thick discs are found. Measured: all names right, lowest level Dice 0.92 / 0.90.
     """
     phantom = generate_phantom(PhantomConfig(seed=seed, spacing_mm=1.5))
     result = segment_volume(phantom.ct, backend="classical")
     ident = level_identification(result.labels, phantom.labels)
     assert ident["accuracy"] == 1.0, ident["pairs"]
-    assert any("found below the end of the body centreline" in w for w in result.warnings), result.warnings
     scores = per_level_scores(result.labels, phantom.labels)
-    assert scores["L5"]["dice"] >= 0.75 and scores["S"]["dice"] >= 0.75, scores
+    assert scores["L5"]["dice"] >= 0.85 and scores["S"]["dice"] >= 0.85, scores
 
 
 def test_sacrum_and_rib_anchors_agree_raise_confidence() -> None:
@@ -314,3 +336,61 @@ def test_partial_fov_phantom_is_named_or_flagged() -> None:
     right = all(ident["pairs"].get(name) == name for name in ("L2", "L3", "L4"))
     assert right or (result.level_confidence <= 0.3 and any("verify" in w for w in result.warnings)), (
         ident["pairs"], result.level_confidence, result.warnings)
+
+
+def test_fov_closing_keeps_the_edge_slices() -> None:
+    """Bone cut by the array's edge is not eroded there by the closing (scipy's closing erodes the edges)."""
+    from needle_steering.perception.classical import _closing_fov
+
+    mask = np.zeros((12, 12, 6), bool)
+    mask[3:9, 3:9, :] = True
+    mask[5, 5, 2] = False  # a one-voxel hole is closed
+    closed = _closing_fov(mask, 1)
+    assert closed[3:9, 3:9, :].all()
+    assert not closed[:3].any() and not closed[9:].any()
+
+
+def test_joint_cleft_between_two_processes_not_inside_one() -> None:
+    """A dark one-voxel gap between two cortical blocks is a cleft; the dark core of one thin plate is not."""
+    from needle_steering.perception.classical import _joint_clefts
+
+    hu = np.full((16, 9, 9), 40.0, np.float32)
+    bone = np.zeros(hu.shape, bool)
+    # Two blocks (cortex 1000 HU around a 250 HU core) along i, separated by a 250 HU joint voxel at i = 7.
+    for i0 in (2, 8):
+        hu[i0:i0 + 5, 2:7, 2:7] = 1000.0
+        hu[i0 + 1:i0 + 4, 3:6, 3:6] = 250.0
+        bone[i0:i0 + 5, 2:7, 2:7] = True
+    hu[7, 2:7, 2:7] = 250.0
+    bone[7, 2:7, 2:7] = True
+    cleft = _joint_clefts(hu, bone, cortex_hu=370.0)
+    assert cleft[7, 3:6, 3:6].all()
+    assert not cleft[:6].any() and not cleft[9:].any()
+    # One thin plate: cortex | core | cortex with soft tissue beyond.
+    plate_hu = np.full((9, 9, 9), 40.0, np.float32)
+    plate_hu[3:6, 1:8, 1:8] = 1000.0
+    plate_hu[4, 1:8, 1:8] = 250.0
+    assert not _joint_clefts(plate_hu, plate_hu > 200.0, cortex_hu=370.0)[4].any()
+
+
+def test_thick_disc_is_found_between_distant_endplates() -> None:
+    """A 10 mm disc whose darkest sample is >8 mm from one endplate is still a disc; a body's middle is not."""
+    from needle_steering.perception.classical import _profile_discs
+
+    spacing = 1.0
+    body, endplate, disc = 200.0, 520.0, 78.0
+    profile = body + 3.0 * np.cos(np.arange(200) / 2.0)  # cancellous texture, no flat plateau
+    # Thin discs (5 mm) at k = 20, 55, 125, 160 and a thick one (10 mm, darkest at its lower edge) at k = 86-95.
+    for lo, hi in ((18, 23), (53, 58), (86, 96), (123, 128), (158, 163)):
+        profile[lo:hi] = disc + 0.5 * np.arange(hi - lo)  # no flat plateau
+        profile[lo - 2:lo] = endplate
+        profile[hi:hi + 2] = endplate
+    profile[86] = disc - 3.0
+    centre = np.column_stack([np.full(200, 50.0), np.full(200, 40.0)])
+    tangent = np.tile([0.0, 0.0, 1.0], (200, 1))
+    ks = [p.k for p in _profile_discs(profile, centre, tangent, spacing)]
+    assert len(ks) == 5 and 86 <= ks[2] <= 95, ks
+    # A dark body (osteoporotic, disc-dark cancellous bone) between its endplates is no disc.
+    profile[128:158] = disc + 3.0 * np.cos(np.arange(30) / 2.0)
+    ks = [p.k for p in _profile_discs(profile, centre, tangent, spacing)]
+    assert not any(128 < k < 158 for k in ks), ks
