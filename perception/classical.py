@@ -479,6 +479,8 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
         "joint_cortex_hu": (rim_hu if modality == "ct" and spacing <= JOINT_CLEFT_MAX_SPACING_MM and spine_bone is None
                             else None),
         "clear_disc_fraction": CBCT_CLEAR_DISC_FRACTION if modality == "cbct" else 0.0,
+        "disc_dark_fraction": DISC_DARK_FRACTION if modality == "ct" else None,
+        "sacral_local_surface": modality == "ct",
         "tilt_tolerance": CBCT_TILT_TOLERANCE if modality == "cbct" else 0.0,
     }
     result = _segments_and_features(work, hu, bone, thresholded=thresholded, canal=canal, track=track, box=box,
@@ -658,10 +660,19 @@ def _closing_fov(mask: NDArray[np.bool_], iterations: int) -> NDArray[np.bool_]:
     return np.asarray(closed[inner], bool)
 
 
+#: Calibrated CT: the peeled rim of the sacrum is given back in full within this distance (mm) of the iliac bone
+#: (the sacroiliac joints); elsewhere on its outer surface only where it reaches the local half-contrast level.
+SACROILIAC_MARGIN_MM = 3.0
+#: The typical body height (for splitting a body column whose disc was not seen) is the median over the bodies
+#: not cut by the field of view when there are at least this many.
+MIN_WHOLE_BODIES = 3
+
+
 def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.bool_],
                      track: NDArray[np.float64], spacing: float, *, rim_hu: float,
                      disc: NDArray[np.bool_] | None = None, peel: bool = True,
                      joint_cortex_hu: float | None = None, clear_disc_fraction: float = 0.0,
+                     disc_dark_fraction: float | None = None, sacral_local_surface: bool = False,
                      rim_soft_hu: float | None = None, rim_peak_mm: float = 1.0, tilt_tolerance: float = 0.0,
                      max_canal_hu: float = MAX_CANAL_HU, marrow_min_hu: float = SACRAL_MARROW_MIN_HU,
                      ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]],
@@ -709,7 +720,8 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # discs, the column between two consecutive disc planes is one body.
     centre = _body_centreline(column, spacing)
     profile, tangent = _centreline_profile(hu, centre, spacing)
-    planes = _profile_discs(profile, centre, tangent, spacing, clear_fraction=clear_disc_fraction)
+    planes = _profile_discs(profile, centre, tangent, spacing, clear_fraction=clear_disc_fraction,
+                            dark_fraction=disc_dark_fraction)
     if planes:
         # The centreline stops where the canal ring opens (the sacrum): the caudal-most disc (L5/S1 when the
         # sacrum is in view) was sampled nearly axially although the sacral slope tilts it 20-50 degrees.
@@ -753,7 +765,9 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # cross-section near its middle.
     heights = np.array([_height_along_planes(mask, planes) if use_planes else float(b - a)
                         for a, b, mask in bodies])
-    typical = float(np.median(heights))
+    # The typical height from whole bodies: one cut by the first or last slice is only a part of a body.
+    whole = np.array([a > 0 and b < bone.shape[2] for a, b, _m in bodies])
+    typical = float(np.median(heights[whole] if whole.sum() >= MIN_WHOLE_BODIES else heights))
     typical_voxels = float(np.median([int(m.sum()) for _a, _b, m in bodies]))
     split: list[tuple[int, int, NDArray[np.bool_]]] = []
     for (a, b, mask), height in zip(bodies, heights, strict=True):
@@ -871,24 +885,38 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         # bone (partial volume): peel the outer rim where it is darker than the cortex mid-level (calibrated CT:
         # the local one, see rim_soft_hu).
         # The sacrum's thin cortex over fatty marrow is darker than the cortex mid-level all along: what the peel
-        # takes from it is given back once naming confirms the sacrum.
+        # takes from it is given back once naming confirms the sacrum. With ``sacral_local_surface`` (calibrated
+        # CT) not on its outer surface facing soft tissue where the voxel is darker than the local half-contrast
+        # level: there the peeled voxel is mostly soft tissue (partial volume), the one-voxel shell outside it.
         level: float | NDArray[np.float32] = rim_hu
         peak_size = 2 * max(1, round(rim_peak_mm / spacing)) + 1
+        sacral_soft_surface: NDArray[np.bool_] | None = None
+        if sacral_local_surface and sacrum_extra is not None and sacral is not None and rim_soft_hu is not None:
+            # The outer surface of the completed sacrum (holes filled) where it faces soft tissue: not at the
+            # sacroiliac joints (the ala's cut face against the ilium is no soft-tissue surface).
+            envelope = ndimage.binary_fill_holes((segments == sacrum_label) | sacrum_extra)
+            near_ilium = ndimage.binary_dilation(sacral[2], iterations=max(1, round(SACROILIAC_MARGIN_MM / spacing)))
+            sacral_soft_surface = envelope & ~ndimage.binary_erosion(envelope, border_value=1) & ~near_ilium
         for _ in range(2):
             solid = segments > 0
             # The edges of the array (the field of view, the spine box) cut the bone: not its surface.
             rim = solid & ~ndimage.binary_erosion(solid, border_value=1)
+            half_hu: NDArray[np.float32] | None = None
             if rim_soft_hu is not None:
                 # A partial-volume voxel is inside the bone when more than half of it is bone: darker than halfway
                 # between the nearby bone peak and soft tissue, it is outside (never below rim_hu). Where the
                 # cortex is resolved brighter than CORTEX_HU (fine grids, dense bone) that level is above rim_hu.
                 peak = ndimage.maximum_filter(np.where(solid, hu, np.float32(-1024.0)).astype(np.float32),
                                               size=peak_size)
-                level = np.maximum(np.float32(rim_hu),
-                                   np.float32(rim_soft_hu) + np.float32(0.5) * (peak - np.float32(rim_soft_hu)))
+                half_hu = np.float32(rim_soft_hu) + np.float32(0.5) * (peak - np.float32(rim_soft_hu))
+                level = np.maximum(np.float32(rim_hu), half_hu)
             peeled = rim & (hu < level)
             if sacrum_extra is not None:
-                sacrum_extra |= peeled & (segments == sacrum_label)
+                give_back = peeled & (segments == sacrum_label)
+                if sacral_soft_surface is not None and half_hu is not None:
+                    # Facing soft tissue, the local half-contrast level decides (not the fixed rim_hu floor).
+                    give_back &= (hu >= half_hu) | ~sacral_soft_surface
+                sacrum_extra |= give_back
             segments[peeled] = 0
     # Order cranial -> caudal (k increases superiorly): reverse the caudal-first numbering.
     order = sorted(range(1, n_seg + 1), key=lambda s: -float(np.nonzero(markers == s)[2].mean()))
@@ -1276,6 +1304,11 @@ def _centreline_profile(hu: NDArray[Any], centre: NDArray[np.float64], spacing: 
 DISC_PROMINENCE_HU = 20.0
 #: Minimum distance between two discs along the centreline, mm (the shortest lumbar/thoracic body + disc).
 MIN_DISC_DISTANCE_MM = 15.0
+#: Calibrated CT: a clear disc's profile minimum lies at most this fraction of the way from the clear discs'
+#: median minimum (disc tissue, HU) up to the profile's median (cancellous bone of the bodies).
+DISC_DARK_FRACTION = 0.5
+#: The disc-dark check needs at least this many clear discs (a median of fewer is not a disc level).
+MIN_DARK_CHECK_DISCS = 3
 
 
 @dataclass(frozen=True)
@@ -1296,11 +1329,15 @@ class DiscPlane:
 
 
 def _profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tangent: NDArray[np.float64],
-                   spacing: float, *, clear_fraction: float = 0.0) -> list[DiscPlane]:
+                   spacing: float, *, clear_fraction: float = 0.0,
+                   dark_fraction: float | None = None) -> list[DiscPlane]:
     """Discs = minima of the centreline profile, flanked by brighter endplates within +-8 mm.
 
     A minimum is a clear disc at twice :data:`DISC_PROMINENCE_HU` and at least ``clear_fraction`` of the median
     prominence of the candidates (CBCT: :data:`CBCT_CLEAR_DISC_FRACTION`); shallower ones must not cut a body short.
+    With ``dark_fraction`` (calibrated CT: :data:`DISC_DARK_FRACTION`) a clear disc must also be disc-dark: its
+    minimum (HU) at most this fraction of the way from the median minimum of the clear discs up to the median of
+    the profile (the bodies' cancellous level); a brighter dip is a shallow minimum.
 
     Returns:
         Disc planes ordered caudal -> cranial (increasing k).
@@ -1333,12 +1370,21 @@ def _profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], ta
     if candidates and clear_fraction > 0.0:
         clear_hu = max(clear_hu, clear_fraction * float(np.median([c.prominence_hu for c in candidates])))
     strong = sorted((c for c in candidates if c.prominence_hu >= clear_hu), key=lambda c: c.k)
+    if dark_fraction is not None and len(strong) >= MIN_DARK_CHECK_DISCS:
+        # A dip inside a body (a vascular channel, sparse cancellous bone) can be 40-60 HU deep, but its minimum
+        # stays at the bone's level; disc tissue is darker than the bodies by far more than the dip.
+        disc_hu = float(np.median([profile[c.k] for c in strong]))
+        body_hu = float(np.median(profile[np.isfinite(profile)]))
+        if body_hu > disc_hu:
+            dark_hu = disc_hu + dark_fraction * (body_hu - disc_hu)
+            dark = [c for c in strong if profile[c.k] <= dark_hu]
+            strong = dark if len(dark) >= 2 else strong
     if len(strong) < 2:
         return sorted(candidates, key=lambda c: c.k) if len(candidates) <= 2 else strong
     gaps = np.diff([c.k for c in strong])
     typical = float(np.median(gaps))
     accepted = list(strong)
-    weak = [c for c in candidates if c.prominence_hu < clear_hu]
+    weak = [c for c in candidates if all(c is not a for a in strong)]
     # Thick discs are accepted like the shallow minima: only where they do not cut a short body.
     weak += _thick_discs(profile, centre, tangent, spacing, candidates=candidates, strong=strong)
     for cand in sorted(weak, key=lambda c: -c.prominence_hu):
