@@ -40,9 +40,15 @@ RIM_PEEL_MAX_SPACING_MM = 2.0
 #: The same limit for CBCT (noisier, blurrier): at 2 mm the peel took a whole layer (phantom seed 104: mean Dice
 #: 0.84 without, 0.72 with).
 CBCT_RIM_PEEL_MAX_SPACING_MM = 1.6
+#: Coarser CBCT grids up to this spacing (mm) peel one rim layer at the local half maximum only (no global floor):
+#: the surface of the thresholded bone lies about one voxel outside the truth there (phantom 104 at 2 mm: of the
+#: 19,200 rim voxels 9,000 lie outside the bone; 8,900 of them and 7,500 inside are below the mapped cortex level).
+CBCT_COARSE_PEEL_MAX_SPACING_MM = 2.0
 #: Working grids up to this spacing (mm) look for joint clefts (:func:`_joint_clefts`); on coarser ones a 1-2 mm
 #: facet joint space fills less than half a voxel.
 JOINT_CLEFT_MAX_SPACING_MM = 2.0
+#: The same limit for CBCT (mm).
+CBCT_JOINT_CLEFT_MAX_SPACING_MM = 2.0
 #: Holes darker than this (HU) are not cancellous bone (fat, gas): never filled.
 MAX_CANAL_HU = 30.0
 #: A canal candidate (a hole enclosed by bone) is darker than this on average (CSF, fat; HU).
@@ -483,6 +489,16 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
         "sacral_local_surface": modality == "ct",
         "tilt_tolerance": CBCT_TILT_TOLERANCE if modality == "cbct" else 0.0,
     }
+    if (modality == "cbct" and rim_soft_hu is not None and spine_bone is None
+            and spacing <= CBCT_JOINT_CLEFT_MAX_SPACING_MM):
+        # Facet clefts on the calibrated CBCT: cortex and joint space levels are the spine's own (mapped) ones.
+        split_options["joint_cortex_hu"] = rim_hu
+        split_options["joint_soft_hu"] = rim_soft_hu
+    if (modality == "cbct" and rim_soft_hu is not None and spine_bone is None
+            and CBCT_RIM_PEEL_MAX_SPACING_MM < spacing <= CBCT_COARSE_PEEL_MAX_SPACING_MM):
+        # Coarse CBCT grids: blur and partial volume keep the cortex below the mapped cortex mid-level, which took a
+        # whole layer. The thresholded surface lies one voxel outside the bone: one pass at the local half maximum.
+        split_options.update(peel=True, rim_passes=1, rim_floor_hu=threshold)
     result = _segments_and_features(work, hu, bone, thresholded=thresholded, canal=canal, track=track, box=box,
                                     spacing=spacing, disc=disc, precomputed=spine_bone is not None,
                                     split_options=split_options)
@@ -675,6 +691,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
                      disc_dark_fraction: float | None = None, sacral_local_surface: bool = False,
                      rim_soft_hu: float | None = None, rim_peak_mm: float = 1.0, tilt_tolerance: float = 0.0,
                      max_canal_hu: float = MAX_CANAL_HU, marrow_min_hu: float = SACRAL_MARROW_MIN_HU,
+                     joint_soft_hu: float = SOFT_TISSUE_HU, rim_passes: int = 2, rim_floor_hu: float | None = None,
                      ) -> tuple[NDArray[np.int32], list[int], list[str], list[tuple[int, int]],
                                 NDArray[np.bool_] | None, tuple[int, NDArray[np.bool_]] | None]:
     """Body column, disc planes, seeds and the watershed that gives every spine voxel its vertebra.
@@ -683,7 +700,8 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     clefts (facet joints resolved by the grid) the in-slice ring seeding and the watershed do not cross.
     ``rim_soft_hu`` (calibrated CT only; None = off): soft tissue (HU) for the local surface level of the rim peel:
     a rim voxel goes when it is darker than ``rim_hu`` or than the midpoint between the brightest bone next to it
-    and soft tissue.
+    and soft tissue. ``rim_passes``: how many rim layers the peel examines; ``rim_floor_hu`` (None = ``rim_hu``):
+    the lowest local level (with ``rim_soft_hu``).
     """
     from skimage.segmentation import watershed
 
@@ -821,7 +839,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # beside the superior process of the vertebra below stays with its own vertebra.
     cleft = np.zeros(bone.shape, bool)
     if joint_cortex_hu is not None:
-        cleft = _joint_clefts(hu, spine_bone, joint_cortex_hu)
+        cleft = _joint_clefts(hu, spine_bone, joint_cortex_hu, joint_soft_hu)
     comp_all, n_comp_all = ndimage.label(spine_bone & ~cleft, structure=_SLICE_STRUCTURE)
     for k in range(bone.shape[2]):
         present = np.unique(markers[:, :, k])
@@ -897,19 +915,20 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
             envelope = ndimage.binary_fill_holes((segments == sacrum_label) | sacrum_extra)
             near_ilium = ndimage.binary_dilation(sacral[2], iterations=max(1, round(SACROILIAC_MARGIN_MM / spacing)))
             sacral_soft_surface = envelope & ~ndimage.binary_erosion(envelope, border_value=1) & ~near_ilium
-        for _ in range(2):
+        floor = np.float32(rim_hu if rim_floor_hu is None else rim_floor_hu)
+        for _ in range(rim_passes):
             solid = segments > 0
             # The edges of the array (the field of view, the spine box) cut the bone: not its surface.
             rim = solid & ~ndimage.binary_erosion(solid, border_value=1)
             half_hu: NDArray[np.float32] | None = None
             if rim_soft_hu is not None:
                 # A partial-volume voxel is inside the bone when more than half of it is bone: darker than halfway
-                # between the nearby bone peak and soft tissue, it is outside (never below rim_hu). Where the
+                # between the nearby bone peak and soft tissue, it is outside (never below the floor). Where the
                 # cortex is resolved brighter than CORTEX_HU (fine grids, dense bone) that level is above rim_hu.
                 peak = ndimage.maximum_filter(np.where(solid, hu, np.float32(-1024.0)).astype(np.float32),
                                               size=peak_size)
                 half_hu = np.float32(rim_soft_hu) + np.float32(0.5) * (peak - np.float32(rim_soft_hu))
-                level = np.maximum(np.float32(rim_hu), half_hu)
+                level = np.maximum(floor, half_hu)
             peeled = rim & (hu < level)
             if sacrum_extra is not None:
                 give_back = peeled & (segments == sacrum_label)
@@ -942,7 +961,8 @@ def _shifted(arr: NDArray[Any], offset: tuple[int, int, int], fill: Any) -> NDAr
     return out
 
 
-def _joint_clefts(hu: NDArray[Any], bone: NDArray[np.bool_], cortex_hu: float) -> NDArray[np.bool_]:
+def _joint_clefts(hu: NDArray[Any], bone: NDArray[np.bool_], cortex_hu: float,
+                  soft_hu: float = SOFT_TISSUE_HU) -> NDArray[np.bool_]:
     """Voxels of ``bone`` in a one-voxel dark cleft between the cortices of two bones (a synovial joint).
 
     A facet joint (~1 mm of cartilage and joint space) between two articular processes that the bone mask
@@ -955,6 +975,8 @@ def _joint_clefts(hu: NDArray[Any], bone: NDArray[np.bool_], cortex_hu: float) -
         hu: Working-grid intensities ``(I, J, K)``, HU.
         bone: Bone mask, same grid (cancellous holes filled).
         cortex_hu: Lowest HU of a cortex voxel.
+        soft_hu: Soft tissue (joint space) level in the units of ``hu``: :data:`SOFT_TISSUE_HU` on calibrated CT,
+            the spine's own soft level (:func:`spine_grey_levels`) on CBCT.
 
     Returns:
         bool mask, same grid.
@@ -966,7 +988,7 @@ def _joint_clefts(hu: NDArray[Any], bone: NDArray[np.bool_], cortex_hu: float) -
         flank = np.minimum(_shifted(hu, offset, np.float32(-1024.0)), _shifted(hu, neg, np.float32(-1024.0)))
         far = (_shifted(bone, (2 * offset[0], 2 * offset[1], 2 * offset[2]), False)
                & _shifted(bone, (2 * neg[0], 2 * neg[1], 2 * neg[2]), False))
-        out |= (flank >= cortex_hu) & (hu < 0.5 * (flank + SOFT_TISSUE_HU)) & far
+        out |= (flank >= cortex_hu) & (hu < 0.5 * (flank + soft_hu)) & far
     return out & bone
 
 
