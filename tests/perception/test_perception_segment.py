@@ -190,7 +190,7 @@ def test_sacral_rim_kept_only_inside_half_contrast_surface() -> None:
 
 def test_clear_disc_must_be_disc_dark_on_ct() -> None:
     """A 50 HU deep dip at the cancellous level is a shallow minimum on CT, a disc-dark minimum stays a disc."""
-    from needle_steering.perception.classical import DISC_DARK_FRACTION, _profile_discs
+    from needle_steering.perception.discs import DISC_DARK_FRACTION, profile_discs
 
     spacing = 1.5
     body, endplate, disc = 245.0, 550.0, 76.0
@@ -202,8 +202,8 @@ def test_clear_disc_must_be_disc_dark_on_ct() -> None:
     profile[105:108] = body - 50.0 + np.arange(3)  # a dip inside the top body, flanked by its endplates
     centre = np.column_stack([np.full(120, 50.0), np.full(120, 40.0)])
     tangent = np.tile([0.0, 0.0, 1.0], (120, 1))
-    assert any(105 <= p.k <= 107 for p in _profile_discs(profile, centre, tangent, spacing))
-    ks = [p.k for p in _profile_discs(profile, centre, tangent, spacing, dark_fraction=DISC_DARK_FRACTION)]
+    assert any(105 <= p.k <= 107 for p in profile_discs(profile, centre, tangent, spacing))
+    ks = [p.k for p in profile_discs(profile, centre, tangent, spacing, dark_fraction=DISC_DARK_FRACTION)]
     assert len(ks) == 6 and not any(100 <= k <= 110 for k in ks), ks
 
 
@@ -439,7 +439,7 @@ def test_joint_cleft_between_two_processes_not_inside_one() -> None:
 
 def test_thick_disc_is_found_between_distant_endplates() -> None:
     """A 10 mm disc whose darkest sample is >8 mm from one endplate is still a disc; a body's middle is not."""
-    from needle_steering.perception.classical import _profile_discs
+    from needle_steering.perception.discs import profile_discs
 
     spacing = 1.0
     body, endplate, disc = 200.0, 520.0, 78.0
@@ -452,9 +452,9 @@ def test_thick_disc_is_found_between_distant_endplates() -> None:
     profile[86] = disc - 3.0
     centre = np.column_stack([np.full(200, 50.0), np.full(200, 40.0)])
     tangent = np.tile([0.0, 0.0, 1.0], (200, 1))
-    ks = [p.k for p in _profile_discs(profile, centre, tangent, spacing)]
+    ks = [p.k for p in profile_discs(profile, centre, tangent, spacing)]
     assert len(ks) == 5 and 86 <= ks[2] <= 95, ks
     # A dark body (osteoporotic, disc-dark cancellous bone) between its endplates is no disc.
     profile[128:158] = disc + 3.0 * np.cos(np.arange(30) / 2.0)
-    ks = [p.k for p in _profile_discs(profile, centre, tangent, spacing)]
+    ks = [p.k for p in profile_discs(profile, centre, tangent, spacing)]
     assert not any(128 < k < 158 for k in ks), ks
