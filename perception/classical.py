@@ -25,6 +25,13 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from needle_steering.errors import SegmentationError
+from needle_steering.perception.canal import (
+    CANAL_CANDIDATE_MAX_HU,
+    canal_track,
+    despike_track,
+    enclosed_canal_track,
+    fill_track,
+)
 from needle_steering.perception.discs import (
     CAUDAL_DISC_TILT_DEG,
     DISC_DARK_FRACTION,
@@ -65,8 +72,6 @@ JOINT_CLEFT_MAX_SPACING_MM = 2.0
 CBCT_JOINT_CLEFT_MAX_SPACING_MM = 2.0
 #: Holes darker than this (HU) are not cancellous bone (fat, gas): never filled.
 MAX_CANAL_HU = 30.0
-#: A canal candidate (a hole enclosed by bone) is darker than this on average (CSF, fat; HU).
-CANAL_CANDIDATE_MAX_HU = 100.0
 #: CBCT denoising footprint: the 6-connected neighbourhood (7 voxels). A full 3x3x3 median replaces a one- or
 #: two-voxel cortex by the darker cancellous/soft-tissue majority around it (~40 % of the cortex contrast lost).
 _CBCT_MEDIAN_FOOTPRINT = ndimage.generate_binary_structure(3, 1)
@@ -214,197 +219,6 @@ def _largest_component(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     return lab == (int(np.argmax(sizes)) + 1)
 
 
-def _canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float, *,
-                 max_hole_hu: float = CANAL_CANDIDATE_MAX_HU) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
-    """Per axial slice, the centre of the canal hole (NaN where no closed ring is seen).
-
-    Candidate holes are darker than ``max_hole_hu`` on average (units of ``hu``; :data:`CANAL_CANDIDATE_MAX_HU`
-    on CT).
-    """
-    n_k = hu.shape[2]
-    track = np.full((n_k, 2), np.nan)
-    canal = np.zeros(hu.shape, bool)
-    area_mm2 = spacing * spacing
-    candidates: list[list[tuple[float, float, NDArray[np.bool_], float, float]]] = []
-    body_x = np.full(n_k, np.nan)
-    for k in range(n_k):
-        sl = bone[:, :, k]
-        cands: list[tuple[float, float, NDArray[np.bool_], float, float]] = []
-        if body[:, :, k].any():
-            body_x[k] = float(np.mean(np.nonzero(body[:, :, k])[0]))
-        if sl.sum() * area_mm2 > 200:
-            closed = ndimage.binary_closing(sl, iterations=1)
-            holes = ndimage.binary_fill_holes(closed) & ~closed
-            lab, _ = ndimage.label(holes)
-            for idx, obj in enumerate(ndimage.find_objects(lab), start=1):
-                if obj is None:
-                    continue
-                hole = lab[obj] == idx
-                area = float(hole.sum()) * area_mm2
-                if not 60.0 <= area <= 700.0:
-                    continue
-                mean_hu = float(hu[:, :, k][obj][hole].mean())
-                if mean_hu > max_hole_hu:
-                    continue
-                ci, cj = ndimage.center_of_mass(hole)
-                full = np.zeros(sl.shape, bool)
-                full[obj] = hole
-                cands.append((ci + obj[0].start, cj + obj[1].start, full, area, mean_hu))
-        candidates.append(cands)
-    # Lateral midline of the body: the canal lies close to it.
-    mid_x = float(np.nanmedian(body_x)) if np.isfinite(body_x).any() else hu.shape[0] / 2
-    # Per slice, the darkest candidate near the midline is the likeliest canal (CSF/fat); holes in a
-    # vertebral body whose cancellous bone falls below the threshold (osteoporosis, 3 mm partial
-    # volume) are brighter and lie anterior of it.
-    anchors: list[tuple[int, float, float, float]] = []
-    for k, cands in enumerate(candidates):
-        near = [c for c in cands if abs(c[0] - mid_x) * spacing < 40.0]
-        if near:
-            darkest = min(near, key=lambda c: c[4])
-            anchors.append((k, darkest[0], darkest[1], darkest[4]))
-    if not anchors:
-        return track, canal
-    anchors = _longest_chain(anchors, spacing)
-    anchor_k = np.array([a[0] for a in anchors])
-    anchor_ij = np.array([[a[1], a[2]] for a in anchors])
-    canal_hu = float(np.median([a[3] for a in anchors]))
-    window = max(2, round(40.0 / spacing))
-    for k, cands in enumerate(candidates):
-        # The canal follows the curvature of the spine: reference position from the anchors within
-        # +-40 mm (all anchors when none is that close).
-        local = np.abs(anchor_k - k) <= window
-        ref_i, ref_j = np.median(anchor_ij[local] if local.any() else anchor_ij, axis=0)
-        best = None
-        best_cost = np.inf
-        for c in cands:
-            d = float(np.hypot(c[0] - ref_i, (c[1] - ref_j) * 0.6))
-            if d >= 25.0 / spacing:
-                continue
-            # Distance in units of the search radius plus brightness above the typical canal.
-            cost = d * spacing / 25.0 + max(0.0, c[4] - canal_hu) / 60.0
-            if cost < best_cost:
-                best, best_cost = c, cost
-        if best is not None:
-            track[k] = best[:2]
-            canal[:, :, k] = best[2]
-    return track, canal
-
-
-def _longest_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
-                   ) -> list[tuple[int, float, float, float]]:
-    """The longest cranio-caudal chain of canal anchors ``(k, i, j, mean HU)``, sorted by k.
-
-    Consecutive members are at most 20 mm apart in k and 15 mm apart in plane: dark holes in the
-    pelvis or the chest far from the spine's canal form chains of their own and are dropped.
-    """
-    chains: list[list[tuple[int, float, float, float]]] = []
-    for a in sorted(anchors):
-        for chain in chains:
-            last = chain[-1]
-            if (a[0] - last[0]) * spacing <= 20.0 and np.hypot(a[1] - last[1], a[2] - last[2]) * spacing <= 15.0:
-                chain.append(a)
-                break
-        else:
-            chains.append([a])
-    return max(chains, key=len)
-
-
-def _enclosed_canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float,
-                          ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
-    """Canal track where the bony ring is open in most slices (thin laminae, coarse slices).
-
-    A canal voxel is dark (below the soft-tissue median: CSF, epidural fat) and nearly enclosed
-    by bone: of 16 in-plane directions, at least 13 meet bone within 25 mm. Computed on a 2 mm
-    in-plane grid; the largest such blob near the body's midline is the canal of that slice.
-    """
-    step = max(1, round(2.0 / spacing))
-    hu_c = hu[::step, ::step, :]
-    bone_c = bone[::step, ::step, :]
-    body_c = body[::step, ::step, :]
-    soft = float(np.median(hu_c[body_c & (hu_c > -200) & (hu_c < 200)])) if body_c.any() else 40.0
-    dark = body_c & (hu_c < soft) & ~bone_c
-    reach = max(2, round(25.0 / (spacing * step)))
-    hits = np.zeros(hu_c.shape, np.int16)
-    angles = np.linspace(0.0, 2 * np.pi, 16, endpoint=False)
-    for angle in angles:
-        di, dj = np.cos(angle), np.sin(angle)
-        seen = np.zeros(hu_c.shape, bool)
-        for r in range(1, reach + 1):
-            si, sj = round(di * r), round(dj * r)
-            shifted = np.zeros_like(bone_c)
-            src_i = slice(max(0, si), bone_c.shape[0] + min(0, si))
-            dst_i = slice(max(0, -si), bone_c.shape[0] + min(0, -si))
-            src_j = slice(max(0, sj), bone_c.shape[1] + min(0, sj))
-            dst_j = slice(max(0, -sj), bone_c.shape[1] + min(0, -sj))
-            shifted[dst_i, dst_j, :] = bone_c[src_i, src_j, :]
-            seen |= shifted
-        hits += seen
-    enclosed = dark & (hits >= 13)
-    track = np.full((hu.shape[2], 2), np.nan)
-    canal = np.zeros(hu.shape, bool)
-    mid_i = float(np.mean(np.nonzero(body_c.any(axis=(1, 2)))[0])) if body_c.any() else hu_c.shape[0] / 2
-    for k in range(hu.shape[2]):
-        lab, n = ndimage.label(enclosed[:, :, k])
-        best, best_area = 0, 0.0
-        for idx in range(1, n + 1):
-            blob = lab == idx
-            area = float(blob.sum()) * (spacing * step) ** 2
-            ci = float(np.mean(np.nonzero(blob)[0]))
-            if 60.0 <= area <= 700.0 and abs(ci - mid_i) * spacing * step < 40.0 and area > best_area:
-                best, best_area = idx, area
-        if best:
-            blob = lab == best
-            ci, cj = ndimage.center_of_mass(blob)
-            track[k] = (ci * step, cj * step)
-            up = np.repeat(np.repeat(blob, step, axis=0), step, axis=1)[: hu.shape[0], : hu.shape[1]]
-            canal[: up.shape[0], : up.shape[1], k] = up
-    return track, canal
-
-
-#: A canal centre further than this (mm, in plane) from the median of its neighbours within
-#: :data:`CANAL_SPIKE_WINDOW_MM` is not the canal (the canal follows the spine's curvature, far smoother).
-CANAL_SPIKE_MM = 8.0
-CANAL_SPIKE_WINDOW_MM = 9.0
-
-
-def _despike_track(track: NDArray[np.float64], canal: NDArray[np.bool_], spacing_mm: float) -> None:
-    """Remove (in place: NaN in ``track``, cleared slices of ``canal``) canal centres that jump off the track.
-
-    Args:
-        track: ``(K, 2)`` canal centre per slice (voxel units, NaN where none).
-        canal: Canal mask ``(I, J, K)``.
-        spacing_mm: Isotropic voxel size, mm.
-    """
-    valid = np.nonzero(np.isfinite(track[:, 0]))[0]
-    half = max(1, round(CANAL_SPIKE_WINDOW_MM / spacing_mm))
-    spikes = []
-    for k in valid:
-        near = valid[(np.abs(valid - k) <= half) & (valid != k)]
-        if near.size < 2:
-            continue
-        ref = np.median(track[near], axis=0)
-        if float(np.hypot(*(track[k] - ref))) * spacing_mm > CANAL_SPIKE_MM:
-            spikes.append(int(k))
-    for k in spikes:
-        track[k] = np.nan
-        canal[:, :, k] = False
-
-
-def _fill_track(track: NDArray[np.float64], max_gap_slices: int) -> NDArray[np.float64]:
-    out = track.copy()
-    valid = np.isfinite(track[:, 0])
-    if valid.sum() < 2:
-        return out
-    ks = np.arange(track.shape[0])
-    idx = ks[valid]
-    for axis in range(2):
-        out[:, axis] = np.interp(ks, idx, track[valid, axis])
-    # Beyond the first/last seen slice, extend only a little.
-    out[: max(0, idx[0] - max_gap_slices)] = np.nan
-    out[idx[-1] + max_gap_slices + 1 :] = np.nan
-    return out
-
-
 def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | None = None, *,
                   spine_bone: NDArray[np.bool_] | None = None,
                   disc: NDArray[np.bool_] | None = None) -> SpineSegments:
@@ -446,16 +260,16 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
             f"{'by the learned mask' if spine_bone is not None else f'above {threshold:.0f} HU'} "
             f"({bone.sum() * spacing**3 / 1000:.1f} ml)"
         )
-    track, canal = _canal_track(hu, bone, body, spacing)
+    track, canal = canal_track(hu, bone, body, spacing)
     seen = int(np.isfinite(track[:, 0]).sum())
     if seen < max(3, int(15.0 / spacing)):
-        track, canal = _enclosed_canal_track(hu, bone, body, spacing)
+        track, canal = enclosed_canal_track(hu, bone, body, spacing)
         seen = int(np.isfinite(track[:, 0]).sum())
     if seen < max(3, int(15.0 / spacing)):
         raise SegmentationError(
             f"{ct.metadata.get('source', 'image')}: no spinal canal found (a closed bony ring in {seen} slices)"
         )
-    track = _fill_track(track, max_gap_slices=int(20 / spacing))
+    track = fill_track(track, max_gap_slices=int(20 / spacing))
     rim_soft_hu: float | None = None
     max_canal_hu = MAX_CANAL_HU
     marrow_min_hu = SACRAL_MARROW_MIN_HU
@@ -477,11 +291,11 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
                 bone = thresholded
                 # The calibrated threshold closes more canal rings (it was set from the whole body): track again.
                 # The lower threshold also encloses dark noise/streak holes in the bodies: drop single-slice jumps.
-                track2, canal2 = _canal_track(hu, bone, body, spacing,
+                track2, canal2 = canal_track(hu, bone, body, spacing,
                                               max_hole_hu=cbct_level(CANAL_CANDIDATE_MAX_HU, soft, dense, spacing))
                 if int(np.isfinite(track2[:, 0]).sum()) >= max(3, int(15.0 / spacing)):
-                    _despike_track(track2, canal2, spacing)
-                    track, canal = _fill_track(track2, max_gap_slices=int(20 / spacing)), canal2
+                    despike_track(track2, canal2, spacing)
+                    track, canal = fill_track(track2, max_gap_slices=int(20 / spacing)), canal2
         else:
             dense = float(np.percentile(hu[bone], 90))
             rim_hu = threshold + 0.5 * (dense - threshold)
@@ -580,7 +394,7 @@ def _trim_ribs(seg: NDArray[np.int32], rib_owner: NDArray[np.int32], track: NDAr
     """
     if not rib_owner.any():
         return None
-    filled = _fill_track(track, max_gap_slices=seg.shape[2])
+    filled = fill_track(track, max_gap_slices=seg.shape[2])
     ks = np.arange(seg.shape[2])
     ok = np.isfinite(filled[:, 0])
     if not ok.any():
@@ -1162,7 +976,7 @@ def _rib_evidence(seg: NDArray[np.int32], bone: NDArray[np.bool_], track: NDArra
     if n == 0:
         return out
     lat, ant, post = RIB_BOX_MM
-    box = _track_box(seg.shape, _fill_track(track, max_gap_slices=seg.shape[2]), spacing,
+    box = _track_box(seg.shape, fill_track(track, max_gap_slices=seg.shape[2]), spacing,
                      lateral_mm=lat, anterior_mm=ant, posterior_mm=post)
     s = seg[box]
     spine = s > 0
@@ -1189,7 +1003,7 @@ def _rib_evidence(seg: NDArray[np.int32], bone: NDArray[np.bool_], track: NDArra
         bad[np.unique(lab[near_ex & (lab > 0)])] = True
     bad[0] = True
     # Lateral distance (mm) from the canal of each candidate voxel; slices without a track use the nearest one.
-    filled = _fill_track(track, max_gap_slices=seg.shape[2])
+    filled = fill_track(track, max_gap_slices=seg.shape[2])
     ks = np.arange(seg.shape[2])
     ok = np.isfinite(filled[:, 0])
     if not ok.any():
