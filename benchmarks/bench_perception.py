@@ -1,8 +1,12 @@
-"""Perception benchmarks: segmentation time on a 1 mm 256 x 256 x 200 CT."""
+"""Perception benchmarks: segmentation time on a 1 mm 256 x 256 x 200 CT, and the issue-3 accuracy targets
+(per-level Dice and level names on held-out phantoms and on the real CT against TotalSegmentator)."""
 
 from __future__ import annotations
 
+import functools
 import time
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -33,3 +37,76 @@ def segment_1mm_256x256x200_s() -> float:
     start = time.perf_counter()
     segment_volume(volume, backend="auto")
     return time.perf_counter() - start
+
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: Held-out phantom seeds (never used to tune the segmentation), 1.5 mm.
+HELD_OUT_CT_SEEDS = tuple(range(200, 216))
+HELD_OUT_CBCT_SEEDS = tuple(range(301, 309))
+
+
+@functools.lru_cache(maxsize=2)
+def _phantom_study(modality: Literal["ct", "cbct"]) -> dict[str, Any]:
+    """Classical segmentation of the held-out phantoms: name accuracy and per-level Dice."""
+    from needle_steering.perception.metrics import level_identification, per_level_scores
+    from needle_steering.perception.segment import segment_volume
+    from needle_steering.sim.phantom import PhantomConfig, generate_phantom
+
+    seeds = HELD_OUT_CT_SEEDS if modality == "ct" else HELD_OUT_CBCT_SEEDS
+    named = 0
+    dice: list[float] = []
+    for seed in seeds:
+        phantom = generate_phantom(PhantomConfig(seed=seed, modality=modality, spacing_mm=1.5))
+        result = segment_volume(phantom.ct, backend="classical", modality=modality)
+        named += int(level_identification(result.labels, phantom.labels)["accuracy"] == 1.0)
+        dice += [float(v["dice"]) for v in per_level_scores(result.labels, phantom.labels).values()]
+    return {"named_pct": 100.0 * named / len(seeds), "median_dice": float(np.median(dice)),
+            "min_dice": float(np.min(dice))}
+
+
+@benchmark("segment_phantom_ct_named_pct", "%", "held-out CT phantoms (seeds 200-215, 1.5 mm) with every level "
+           "named right (classical)", target="100")
+def segment_phantom_ct_named_pct() -> float:
+    """Percentage of held-out CT phantoms named right."""
+    return float(_phantom_study("ct")["named_pct"])
+
+
+@benchmark("segment_phantom_ct_median_dice", "", "median per-level Dice over the held-out CT phantoms "
+           "(T11-S, 1.5 mm)", target=">= 0.95")
+def segment_phantom_ct_median_dice() -> float:
+    """Median per-level Dice, held-out CT phantoms."""
+    return float(_phantom_study("ct")["median_dice"])
+
+
+@benchmark("segment_phantom_cbct_named_pct", "%", "held-out CBCT phantoms (seeds 301-308, 1.5 mm) with every level "
+           "named right (classical)", target="100")
+def segment_phantom_cbct_named_pct() -> float:
+    """Percentage of held-out CBCT phantoms named right."""
+    return float(_phantom_study("cbct")["named_pct"])
+
+
+@benchmark("segment_phantom_cbct_median_dice", "", "median per-level Dice over the held-out CBCT phantoms "
+           "(T11-S, 1.5 mm)", target=">= 0.90")
+def segment_phantom_cbct_median_dice() -> float:
+    """Median per-level Dice, held-out CBCT phantoms."""
+    return float(_phantom_study("cbct")["median_dice"])
+
+
+@benchmark("segment_real_ct_min_dice", "", "lowest per-level Dice (T12-S, levels >= 5 ml) of the auto backend on "
+           "the real 3 mm CT against TotalSegmentator, names must be right (else 0)", target=">= 0.85")
+def segment_real_ct_min_dice() -> float:
+    """Lowest per-level Dice on the real CT; 0 when a level is misnamed."""
+    from needle_steering.perception.io import read_volume
+    from needle_steering.perception.labels import from_totalsegmentator
+    from needle_steering.perception.metrics import level_identification, per_level_scores
+    from needle_steering.perception.segment import segment_volume
+
+    folder = DATA / "abdomen_ct_3mm"
+    ct = read_volume(folder / "ct.nii.gz")
+    ref = read_volume(folder / "labels_totalsegmentator_total.nii.gz")
+    ref = ref.with_array(from_totalsegmentator(ref.array.astype(np.int32), vertebrae_only=True))
+    result = segment_volume(ct, backend="auto")
+    min_voxels = int(5.0 / ref.voxel_volume_ml())
+    if level_identification(result.labels, ref, min_ref_voxels=min_voxels)["accuracy"] < 1.0:
+        return 0.0
+    return float(min(v["dice"] for v in per_level_scores(result.labels, ref, min_ref_ml=5.0).values()))
