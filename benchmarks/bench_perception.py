@@ -64,32 +64,26 @@ def _phantom_study(modality: Literal["ct", "cbct"]) -> dict[str, Any]:
             "min_dice": float(np.min(dice))}
 
 
-@benchmark("segment_phantom_ct_named_pct", "%", "held-out CT phantoms (seeds 200-215, 1.5 mm) with every level "
-           "named right (classical)", target="100")
-def segment_phantom_ct_named_pct() -> float:
-    """Percentage of held-out CT phantoms named right."""
-    return float(_phantom_study("ct")["named_pct"])
+def _register_phantom_benchmarks() -> None:
+    """``segment_phantom_{ct,cbct}_named_pct`` and ``..._median_dice`` from one study per modality."""
+    seeds = {"ct": "200-215", "cbct": "301-308"}
+    dice_target = {"ct": ">= 0.95", "cbct": ">= 0.90"}
+    for modality in ("ct", "cbct"):
+        def named(modality: Literal["ct", "cbct"] = modality) -> float:
+            return float(_phantom_study(modality)["named_pct"])
+
+        def median_dice(modality: Literal["ct", "cbct"] = modality) -> float:
+            return float(_phantom_study(modality)["median_dice"])
+
+        benchmark(f"segment_phantom_{modality}_named_pct", "%",
+                  f"held-out {modality.upper()} phantoms (seeds {seeds[modality]}, 1.5 mm) with every level named "
+                  "right (classical)", target="100")(named)
+        benchmark(f"segment_phantom_{modality}_median_dice", "",
+                  f"median per-level Dice over the held-out {modality.upper()} phantoms (T11-S, 1.5 mm)",
+                  target=dice_target[modality])(median_dice)
 
 
-@benchmark("segment_phantom_ct_median_dice", "", "median per-level Dice over the held-out CT phantoms "
-           "(T11-S, 1.5 mm)", target=">= 0.95")
-def segment_phantom_ct_median_dice() -> float:
-    """Median per-level Dice, held-out CT phantoms."""
-    return float(_phantom_study("ct")["median_dice"])
-
-
-@benchmark("segment_phantom_cbct_named_pct", "%", "held-out CBCT phantoms (seeds 301-308, 1.5 mm) with every level "
-           "named right (classical)", target="100")
-def segment_phantom_cbct_named_pct() -> float:
-    """Percentage of held-out CBCT phantoms named right."""
-    return float(_phantom_study("cbct")["named_pct"])
-
-
-@benchmark("segment_phantom_cbct_median_dice", "", "median per-level Dice over the held-out CBCT phantoms "
-           "(T11-S, 1.5 mm)", target=">= 0.90")
-def segment_phantom_cbct_median_dice() -> float:
-    """Median per-level Dice, held-out CBCT phantoms."""
-    return float(_phantom_study("cbct")["median_dice"])
+_register_phantom_benchmarks()
 
 
 @benchmark("segment_real_ct_min_dice", "", "lowest per-level Dice (T12-S, levels >= 5 ml) of the auto backend on "
