@@ -102,7 +102,6 @@ class SpineSegments:
     features: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     sacrum_candidate: tuple[int, NDArray[np.bool_]] | None = None
-    rib_owner: NDArray[np.int32] | None = None
 
     def complete_sacrum(self, names: list[str | None]) -> None:
         """Add :attr:`sacrum_candidate`'s voxels (background only) when ``names`` (per segment 1..n) call it "S"."""
@@ -302,56 +301,29 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     # Everything after the canal works on the in-plane box around the track (the spine, the sacral alae
     # and the iliac bone beside them): several times fewer voxels than the whole body at 1 mm.
     box = _track_box(hu.shape, track, spacing, lateral_mm=SPINE_BOX_LATERAL_MM, anterior_mm=75.0, posterior_mm=75.0)
-    split_options: dict[str, Any] = {
-        "rim_hu": rim_hu,
-        "peel": spine_bone is None
-        and spacing <= (RIM_PEEL_MAX_SPACING_MM if modality == "ct" else CBCT_RIM_PEEL_MAX_SPACING_MM),
-        "rim_soft_hu": rim_soft_hu,
-        "rim_peak_mm": LOCAL_PEAK_MM if modality == "cbct" else spacing,
-        "max_canal_hu": max_canal_hu,
-        "marrow_min_hu": marrow_min_hu,
-        "joint_cortex_hu": (rim_hu if modality == "ct" and spacing <= JOINT_CLEFT_MAX_SPACING_MM and spine_bone is None
-                            else None),
-        "clear_disc_fraction": CBCT_CLEAR_DISC_FRACTION if modality == "cbct" else 0.0,
-        "disc_dark_fraction": DISC_DARK_FRACTION if modality == "ct" else None,
-        "sacral_local_surface": modality == "ct",
-        "tilt_tolerance": CBCT_TILT_TOLERANCE if modality == "cbct" else 0.0,
-    }
-    if (modality == "cbct" and rim_soft_hu is not None and spine_bone is None
-            and spacing <= CBCT_JOINT_CLEFT_MAX_SPACING_MM):
-        # Facet clefts on the calibrated CBCT: cortex and joint space levels are the spine's own (mapped) ones.
-        split_options["joint_cortex_hu"] = rim_hu
-        split_options["joint_soft_hu"] = rim_soft_hu
-    if (modality == "cbct" and rim_soft_hu is not None and spine_bone is None
-            and CBCT_RIM_PEEL_MAX_SPACING_MM < spacing <= CBCT_COARSE_PEEL_MAX_SPACING_MM):
-        # Coarse CBCT grids: blur and partial volume keep the cortex below the mapped cortex mid-level, which took a
-        # whole layer. The thresholded surface lies one voxel outside the bone: one pass at the local half maximum.
-        split_options.update(peel=True, rim_passes=1, rim_floor_hu=threshold)
-    result = _segments_and_features(work, hu, bone, thresholded=thresholded, canal=canal, track=track, box=box,
-                                    spacing=spacing, disc=disc, precomputed=spine_bone is not None,
-                                    split_options=split_options)
-    rib_owner = result.rib_owner
-    assert rib_owner is not None  # set by _segments_and_features
-    # Naming features are measured first (volumes with the rib necks, as calibrated); then the rib necks that
-    # the watershed carried into their vertebra are given back.
-    removed = _trim_ribs(result.segments, rib_owner, track, spacing)
-    if removed is not None:
-        result.segments[removed] = 0
-    return result
-
-
-def _segments_and_features(work: Volume, hu: NDArray[Any], bone: NDArray[np.bool_], *,
-                           thresholded: NDArray[np.bool_], canal: NDArray[np.bool_], track: NDArray[np.float64],
-                           box: tuple[slice, slice, slice], spacing: float, disc: NDArray[np.bool_] | None,
-                           precomputed: bool, split_options: dict[str, Any]) -> SpineSegments:
-    """Separate the vertebrae in ``box`` and measure the naming features.
-
-    ``split_options``: the grey levels and modality switches of :func:`_split_vertebrae` (keyword arguments).
-    """
+    own_bone = spine_bone is None
+    calibrated_cbct = modality == "cbct" and rim_soft_hu is not None
+    # Coarse CBCT grids: blur and partial volume keep the cortex below the mapped cortex mid-level, which took a
+    # whole layer. The thresholded surface lies one voxel outside the bone: one pass at the local half maximum.
+    coarse_cbct_peel = calibrated_cbct and CBCT_RIM_PEEL_MAX_SPACING_MM < spacing <= CBCT_COARSE_PEEL_MAX_SPACING_MM
+    # Facet clefts with the CT levels, or on the calibrated CBCT with the spine's own (mapped) cortex and soft levels.
+    clefts = own_bone and ((modality == "ct" and spacing <= JOINT_CLEFT_MAX_SPACING_MM)
+                           or (calibrated_cbct and spacing <= CBCT_JOINT_CLEFT_MAX_SPACING_MM))
     offset = np.array([box[0].start, box[1].start], float)
     disc_box = None if disc is None else np.asarray(disc, bool)[box]
     seg_box, disc_k, warnings, body_k, iliac_box, sacrum_extra = _split_vertebrae(
-        hu[box], bone[box], canal[box], track - offset, spacing, disc=disc_box, **split_options,
+        hu[box], bone[box], canal[box], track - offset, spacing, disc=disc_box, rim_hu=rim_hu,
+        peel=own_bone and (coarse_cbct_peel or spacing <= (
+            RIM_PEEL_MAX_SPACING_MM if modality == "ct" else CBCT_RIM_PEEL_MAX_SPACING_MM)),
+        rim_passes=1 if coarse_cbct_peel else 2, rim_floor_hu=threshold if coarse_cbct_peel else None,
+        rim_soft_hu=rim_soft_hu, rim_peak_mm=LOCAL_PEAK_MM if modality == "cbct" else spacing,
+        max_canal_hu=max_canal_hu, marrow_min_hu=marrow_min_hu,
+        joint_cortex_hu=rim_hu if clefts else None,
+        joint_soft_hu=SOFT_TISSUE_HU if rim_soft_hu is None else rim_soft_hu,
+        clear_disc_fraction=CBCT_CLEAR_DISC_FRACTION if modality == "cbct" else 0.0,
+        disc_dark_fraction=DISC_DARK_FRACTION if modality == "ct" else None,
+        sacral_local_surface=modality == "ct",
+        tilt_tolerance=CBCT_TILT_TOLERANCE if modality == "cbct" else 0.0,
     )
     segments = np.zeros(hu.shape, np.int32)
     segments[box] = seg_box
@@ -366,10 +338,15 @@ def _segments_and_features(work: Volume, hu: NDArray[Any], bone: NDArray[np.bool
         result.sacrum_candidate = (sacrum_extra[0], extra)
     # With a precomputed (tighter) spine mask, thresholded bone hugging the vertebrae (partial volume,
     # process tips) is not rib evidence: exclude a 4 mm shell around the spine.
-    result.rib_owner = np.zeros(hu.shape, np.int32)
+    rib_owner = np.zeros(hu.shape, np.int32)
     result.features = _features(result, hu, thresholded, body_k,
-                                spine_margin_vox=max(1, round(4.0 / spacing)) if precomputed else 0,
-                                iliac=iliac, rib_owner=result.rib_owner)
+                                spine_margin_vox=0 if own_bone else max(1, round(4.0 / spacing)),
+                                iliac=iliac, rib_owner=rib_owner)
+    # Naming features are measured first (volumes with the rib necks, as calibrated); then the rib necks that
+    # the watershed carried into their vertebra are given back.
+    removed = _trim_ribs(result.segments, rib_owner, track, spacing)
+    if removed is not None:
+        result.segments[removed] = 0
     return result
 
 
