@@ -98,6 +98,7 @@ def run_node(factory: Callable[[], Node], argv: Sequence[str] | None = None, *, 
 
     rclpy.init(args=list(argv) if argv is not None else sys.argv)
     node: Node | None = None
+    executor: MultiThreadedExecutor | SingleThreadedExecutor | None = None
     try:
         node = factory()
         executor = MultiThreadedExecutor() if multi_threaded else SingleThreadedExecutor()
@@ -115,6 +116,10 @@ def run_node(factory: Callable[[], Node], argv: Sequence[str] | None = None, *, 
         if rclpy.ok():
             raise
     finally:
+        if executor is not None:
+            # The executor still holds the node's handles after spin() is interrupted: destroy_node() would then
+            # wait for them forever (a sim_node hang at SIGINT, seen in CI). Shut the executor down first.
+            executor.shutdown(timeout_sec=5.0)
         if node is not None:
             close = getattr(node, "close", None)
             if callable(close):
