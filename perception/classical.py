@@ -210,6 +210,27 @@ def spine_grey_levels(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[n
     return soft, float(np.percentile(bone_vals, SPINE_DENSE_PERCENTILE))
 
 
+def _bone_and_canal(ct: Volume, hu: NDArray[Any], body: NDArray[np.bool_], spacing: float, threshold: float, *,
+                    spine_bone: NDArray[np.bool_] | None,
+                    ) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.float64], NDArray[np.bool_], int]:
+    """Thresholded bone, the bone used (``spine_bone`` if given), the canal track and mask, and the number of
+    slices in which the canal was seen (closed rings, else nearly enclosed dark blobs)."""
+    thresholded = (hu > threshold) & body
+    bone = thresholded if spine_bone is None else np.asarray(spine_bone, bool)
+    if bone.sum() * spacing**3 < 20_000:
+        raise SegmentationError(
+            f"{ct.metadata.get('source', 'image')}: no bone found "
+            f"{'by the learned mask' if spine_bone is not None else f'above {threshold:.0f} HU'} "
+            f"({bone.sum() * spacing**3 / 1000:.1f} ml)"
+        )
+    track, canal = canal_track(hu, bone, body, spacing)
+    seen = int(np.isfinite(track[:, 0]).sum())
+    if seen < max(3, int(15.0 / spacing)):
+        track, canal = enclosed_canal_track(hu, bone, body, spacing)
+        seen = int(np.isfinite(track[:, 0]).sum())
+    return thresholded, bone, track, canal, seen
+
+
 def _largest_component(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     lab, n = ndimage.label(mask)
     if n == 0:
@@ -251,19 +272,15 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     if body.sum() * spacing**3 < 50_000:
         raise SegmentationError(f"{ct.metadata.get('source', 'image')}: no patient body found (HU > -300)")
     threshold = bone_threshold(hu, body, modality, spacing)
-    thresholded = (hu > threshold) & body
-    bone = thresholded if spine_bone is None else np.asarray(spine_bone, bool)
-    if bone.sum() * spacing**3 < 20_000:
-        raise SegmentationError(
-            f"{ct.metadata.get('source', 'image')}: no bone found "
-            f"{'by the learned mask' if spine_bone is not None else f'above {threshold:.0f} HU'} "
-            f"({bone.sum() * spacing**3 / 1000:.1f} ml)"
-        )
-    track, canal = canal_track(hu, bone, body, spacing)
-    seen = int(np.isfinite(track[:, 0]).sum())
-    if seen < max(3, int(15.0 / spacing)):
-        track, canal = enclosed_canal_track(hu, bone, body, spacing)
-        seen = int(np.isfinite(track[:, 0]).sum())
+    thresholded, bone, track, canal, seen = _bone_and_canal(ct, hu, body, spacing, threshold, spine_bone=spine_bone)
+    # A fine-grid CT whose cortex is not resolved (soft kernel, slices interpolated from thick ones, thin
+    # osteoporotic cortex) leaves the canal's ring open at the fine threshold: the coarse threshold, and no surface
+    # peel or facet clefts (both read a resolved cortex).
+    blurred = False
+    if seen < max(3, int(15.0 / spacing)) and modality == "ct" and spine_bone is None and threshold > CT_BONE_HU:
+        blurred = True
+        threshold = CT_BONE_HU
+        thresholded, bone, track, canal, seen = _bone_and_canal(ct, hu, body, spacing, threshold, spine_bone=spine_bone)
     if seen < max(3, int(15.0 / spacing)):
         raise SegmentationError(
             f"{ct.metadata.get('source', 'image')}: no spinal canal found (a closed bony ring in {seen} slices)"
@@ -307,13 +324,13 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     # whole layer. The thresholded surface lies one voxel outside the bone: one pass at the local half maximum.
     coarse_cbct_peel = calibrated_cbct and CBCT_RIM_PEEL_MAX_SPACING_MM < spacing <= CBCT_COARSE_PEEL_MAX_SPACING_MM
     # Facet clefts with the CT levels, or on the calibrated CBCT with the spine's own (mapped) cortex and soft levels.
-    clefts = own_bone and ((modality == "ct" and spacing <= JOINT_CLEFT_MAX_SPACING_MM)
+    clefts = own_bone and ((modality == "ct" and spacing <= JOINT_CLEFT_MAX_SPACING_MM and not blurred)
                            or (calibrated_cbct and spacing <= CBCT_JOINT_CLEFT_MAX_SPACING_MM))
     offset = np.array([box[0].start, box[1].start], float)
     disc_box = None if disc is None else np.asarray(disc, bool)[box]
     seg_box, disc_k, warnings, body_k, iliac_box, sacrum_extra = _split_vertebrae(
         hu[box], bone[box], canal[box], track - offset, spacing, disc=disc_box, rim_hu=rim_hu,
-        peel=own_bone and (coarse_cbct_peel or spacing <= (
+        peel=own_bone and not blurred and (coarse_cbct_peel or spacing <= (
             RIM_PEEL_MAX_SPACING_MM if modality == "ct" else CBCT_RIM_PEEL_MAX_SPACING_MM)),
         rim_passes=1 if coarse_cbct_peel else 2, rim_floor_hu=threshold if coarse_cbct_peel else None,
         rim_soft_hu=rim_soft_hu, rim_peak_mm=LOCAL_PEAK_MM if modality == "cbct" else spacing,
@@ -331,6 +348,10 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     if iliac_box is not None:
         iliac = np.zeros(hu.shape, bool)
         iliac[box] = iliac_box
+    if blurred:
+        warnings.insert(0, f"the cortex is not resolved at {spacing:g} mm (the canal's bony ring stays open above "
+                           f"{FINE_CT_BONE_HU:.0f} HU): segmented with the {CT_BONE_HU:.0f} HU threshold, without "
+                           f"surface peel or facet clefts; boundaries are coarser")
     result = SpineSegments(work, segments, canal, track, disc_k, warnings=warnings)
     if sacrum_extra is not None:
         extra = np.zeros(hu.shape, bool)
