@@ -50,6 +50,8 @@ def canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool
                 if mean_hu > max_hole_hu:
                     continue
                 ci, cj = ndimage.center_of_mass(hole)
+                if not _in_posterior_trunk(body[:, :, k], ci + obj[0].start, cj + obj[1].start):
+                    continue
                 full = np.zeros(sl.shape, bool)
                 full[obj] = hole
                 cands.append((ci + obj[0].start, cj + obj[1].start, full, area, mean_hu))
@@ -91,6 +93,26 @@ def canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool
             track[k] = best[:2]
             canal[:, :, k] = best[2]
     return track, canal
+
+
+#: The spinal canal lies in the posterior part of the trunk: at least this fraction of the body's
+#: anterior-posterior depth (along the candidate's column) lies in front of it (lumbar ~0.7, neck ~0.6). Holes
+#: further forward are in the pelvis (pubic bones) or the chest, not the canal.
+CANAL_MIN_POSTERIOR_FRACTION = 0.5
+
+
+def _in_posterior_trunk(body_slice: NDArray[np.bool_], ci: float, cj: float) -> bool:
+    """Whether a hole centred at ``(ci, cj)`` (voxels; j grows posteriorly) lies in the posterior part of the body
+    outline along its column. True when the outline is cut by the array's edge there (truncated field of view:
+    the trunk's depth is unknown)."""
+    inside = np.nonzero(body_slice[round(ci), :])[0]
+    if inside.size == 0:
+        return True
+    # The outline's extent, not the run around the hole: bowel gas and the lungs break the column.
+    front, back = int(inside[0]), int(inside[-1])
+    if front == 0 or back == body_slice.shape[1] - 1:
+        return True
+    return (cj - front) >= CANAL_MIN_POSTERIOR_FRACTION * (back - front)
 
 
 def longest_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
