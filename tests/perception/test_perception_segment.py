@@ -270,6 +270,10 @@ def test_sacrum_anchor_needs_sacroiliac_contact() -> None:
     assert "sacrum" not in naming.anchors and naming.names[0] == "T12" and naming.names[-1] == "L5"
     naming = assign_levels([*lumbar, _feature(40.0), _feature(150.0, iliac_ml=20.0)])
     assert naming.anchors == ["sacrum"] and naming.names[-2:] == ["L5", "S"]
+    # L5 whose transverse processes touch the iliac crests (1.7 ml on the real CT cropped above L5/S1) is no sacrum:
+    # alone, that anchor would shift every name at confidence 0.6. Without anchors the names are flagged (0.3).
+    naming = assign_levels([*lumbar, _feature(60.0, iliac_ml=1.7)])
+    assert "sacrum" not in naming.anchors and naming.confidence <= 0.3
 
 
 def _rib_feature(sides: int, *, top: bool = False, bottom: bool = False, body_mm: float = 25.0,
