@@ -210,6 +210,13 @@ def spine_grey_levels(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[n
     return soft, float(np.percentile(bone_vals, SPINE_DENSE_PERCENTILE))
 
 
+#: A CT whose spine cortex level (the :data:`SPINE_DENSE_PERCENTILE` percentile of the spine's bone) stays below
+#: this (HU) blurs the cortex like 3 mm slices do: no surface peel, no facet clefts. Measured: phantoms at 1-3 mm
+#: 755-912 HU; real CT 583 HU (1 mm series, where the peel still helps), 459 HU (3 mm), 390-450 HU (the 3 mm CT
+#: interpolated to 1.5-2.5 mm, where the peel took whole cortices).
+RESOLVED_CORTEX_HU = 520.0
+
+
 def _bone_and_canal(ct: Volume, hu: NDArray[Any], body: NDArray[np.bool_], spacing: float, threshold: float, *,
                     spine_bone: NDArray[np.bool_] | None,
                     ) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.float64], NDArray[np.bool_], int]:
@@ -292,6 +299,11 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     if modality == "ct":
         rim_hu = 0.5 * (CORTEX_HU + SOFT_TISSUE_HU)
         rim_soft_hu = SOFT_TISSUE_HU
+        if not blurred and spine_bone is None and spacing <= RIM_PEEL_MAX_SPACING_MM:
+            # The peel and the clefts read a resolved cortex: on real CT with a soft kernel or thin cortex the
+            # spine's cortex level stays far below the CORTEX_HU they assume.
+            dense = spine_grey_levels(hu, thresholded, body, track, spacing)[1]
+            blurred = bool(np.isfinite(dense) and dense < RESOLVED_CORTEX_HU)
     else:
         # The whole-body histogram mixes the spine (darkened by cupping at the FOV centre) with the brighter
         # periphery: calibrate on the spine's own soft tissue and cortex and use the CT's levels mapped through it.
@@ -348,7 +360,7 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     if iliac_box is not None:
         iliac = np.zeros(hu.shape, bool)
         iliac[box] = iliac_box
-    if blurred:
+    if blurred and threshold == CT_BONE_HU and spacing <= 1.6:
         warnings.insert(0, f"the cortex is not resolved at {spacing:g} mm (the canal's bony ring stays open above "
                            f"{FINE_CT_BONE_HU:.0f} HU): segmented with the {CT_BONE_HU:.0f} HU threshold, without "
                            f"surface peel or facet clefts; boundaries are coarser")

@@ -138,24 +138,28 @@ def test_real_ct_lumbosacral_field_of_view(shared_data: Path) -> None:
     assert {"L5", "S"} <= set(scores) and min(float(s["dice"]) for s in scores.values()) >= 0.72, scores
 
 
-def test_real_ct_on_a_fine_grid_with_unresolved_cortex(shared_data: Path) -> None:
-    """The 3 mm CT resampled to 1.5 mm: the fine-grid threshold leaves the canal's ring open (blurred cortex).
-    Before, "no spinal canal found"; now the coarse threshold without peel, with the levels named right."""
+@pytest.mark.parametrize(("spacing_mm", "floor"), [(1.5, 0.68), (2.0, 0.66)])
+def test_real_ct_on_a_fine_grid_with_unresolved_cortex(shared_data: Path, spacing_mm: float, floor: float) -> None:
+    """The 3 mm CT interpolated to a finer grid: its cortex stays blurred (spine cortex level 390-450 HU).
+    At 1.5 mm the 200 HU threshold leaves the canal's ring open: before, "no spinal canal found"; now the 120 HU
+    threshold. At 2 mm the surface peel took whole cortices (Dice 0.49-0.70). Neither peel nor clefts run now."""
     from needle_steering.perception.io import resample_like, resample_to_spacing
     from needle_steering.perception.labels import from_totalsegmentator
 
     folder = shared_data / "abdomen_ct_3mm"
-    ct = resample_to_spacing(read_volume(folder / "ct.nii.gz"), [1.5, 1.5, 1.5])
+    ct = resample_to_spacing(read_volume(folder / "ct.nii.gz"), [spacing_mm] * 3)
     ref = read_volume(folder / "labels_totalsegmentator_total.nii.gz")
     ref = resample_like(ref.with_array(from_totalsegmentator(ref.array.astype(np.int32), vertebrae_only=True)), ct,
                         is_label=True)
     result = segment_volume(ct, backend="classical")
-    assert any("cortex is not resolved" in w for w in result.warnings), result.warnings
+    if spacing_mm <= 1.6:
+        assert any("cortex is not resolved" in w for w in result.warnings), result.warnings
     ident = level_identification(result.labels, ref, min_ref_voxels=int(5.0 / ref.voxel_volume_ml()))
     assert ident["accuracy"] == 1.0 and ident["shift"] == 0, ident["pairs"]
     scores = per_level_scores(result.labels, ref, min_ref_ml=5.0)
-    # Measured: T12 0.84, L1 0.80, L2 0.79, L3 0.83, L4 0.85, L5 0.72, S 0.72.
-    assert min(float(s["dice"]) for s in scores.values()) >= 0.68, scores
+    # Measured at 1.5 mm: T12 0.84, L1 0.80, L2 0.79, L3 0.83, L4 0.85, L5 0.72, S 0.72;
+    # at 2 mm: 0.86, 0.83, 0.82, 0.85, 0.84, 0.77, 0.70.
+    assert min(float(s["dice"]) for s in scores.values()) >= floor, scores
 
 
 def test_real_ct_ribs_articulate_with_t12_only(shared_data: Path) -> None:
