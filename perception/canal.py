@@ -115,18 +115,26 @@ def _in_posterior_trunk(body_slice: NDArray[np.bool_], ci: float, cj: float) -> 
     return (cj - front) >= CANAL_MIN_POSTERIOR_FRACTION * (back - front)
 
 
+#: Longest cranio-caudal gap (mm) between consecutive canal anchors of one chain.
+CANAL_CHAIN_GAP_MM = 20.0
+#: Largest in-plane step (mm) between consecutive canal anchors of one chain.
+CANAL_CHAIN_STEP_MM = 15.0
+
+
 def longest_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
                    ) -> list[tuple[int, float, float, float]]:
     """The longest cranio-caudal chain of canal anchors ``(k, i, j, mean HU)``, sorted by k.
 
-    Consecutive members are at most 20 mm apart in k and 15 mm apart in plane: dark holes in the
+    Consecutive members are at most :data:`CANAL_CHAIN_GAP_MM` apart in k and :data:`CANAL_CHAIN_STEP_MM` in
+    plane: dark holes in the
     pelvis or the chest far from the spine's canal form chains of their own and are dropped.
     """
     chains: list[list[tuple[int, float, float, float]]] = []
     for a in sorted(anchors):
         for chain in chains:
             last = chain[-1]
-            if (a[0] - last[0]) * spacing <= 20.0 and np.hypot(a[1] - last[1], a[2] - last[2]) * spacing <= 15.0:
+            if ((a[0] - last[0]) * spacing <= CANAL_CHAIN_GAP_MM
+                    and np.hypot(a[1] - last[1], a[2] - last[2]) * spacing <= CANAL_CHAIN_STEP_MM):
                 chain.append(a)
                 break
         else:

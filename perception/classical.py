@@ -627,7 +627,9 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     typical_voxels = float(np.median([int(m.sum()) for _a, _b, m in bodies]))
     split: list[tuple[int, int, NDArray[np.bool_]]] = []
     for (a, b, mask), height in zip(bodies, heights, strict=True):
-        if len(bodies) >= 3 and height > 1.3 * typical:
+        # Below the caudal-most disc the column runs on into the sacrum (S1-S5 bodies, fused): tall by nature.
+        below_discs = use_planes and int(np.median(index[mask])) == 0
+        if len(bodies) >= 3 and height > 1.3 * typical and not below_discs:
             area = mask.sum(axis=(0, 1)).astype(float)
             lo, hi = a + (b - a) // 3, b - (b - a) // 3
             cut = lo + int(np.argmin(area[lo:hi])) if hi > lo else (a + b) // 2

@@ -180,8 +180,7 @@ def profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tan
             strong = dark if len(dark) >= 2 else strong
     if len(strong) < 2:
         return sorted(candidates, key=lambda c: c.k) if len(candidates) <= 2 else strong
-    gaps = np.diff([c.k for c in strong])
-    typical = float(np.median(gaps))
+    typical = typical_disc_spacing(np.diff([c.k for c in strong]).astype(float))
     accepted = list(strong)
     weak = [c for c in candidates if all(c is not a for a in strong)]
     # Thick discs are accepted like the shallow minima: only where they do not cut a short body.
@@ -190,6 +189,22 @@ def profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tan
         if all(abs(cand.k - a.k) >= 0.75 * typical for a in accepted):
             accepted.append(cand)
     return sorted(accepted, key=lambda c: c.k)
+
+
+#: A gap between clear discs at least this many times the shortest one spans more than one body (a disc missed
+#: among the clear ones); thoracic and lumbar spacings differ by at most ~1.6x.
+MISSED_DISC_GAP_RATIO = 1.75
+
+
+def typical_disc_spacing(gaps: NDArray[np.float64]) -> float:
+    """Median spacing of consecutive clear discs (slices), a gap spanning n bodies counted as n gaps of gap / n.
+
+    With only a few discs in view, one missed disc makes the plain median twice a body's height, and the shallow or
+    thick disc in that gap would then be rejected for cutting a body "short".
+    """
+    unit = float(np.min(gaps))
+    parts = [g / (round(g / unit) if g >= MISSED_DISC_GAP_RATIO * unit else 1) for g in gaps]
+    return float(np.median(parts))
 
 
 #: Thickest intervertebral disc (mm along the centreline) that :func:`thick_discs` looks for.
