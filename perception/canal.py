@@ -15,14 +15,21 @@ from scipy import ndimage
 
 #: A canal candidate (a hole enclosed by bone) is darker than this on average (CSF, fat; HU).
 CANAL_CANDIDATE_MAX_HU = 100.0
+#: Calibrated CT: a hole this much brighter (HU) than the typical canal of the image (CSF, epidural fat) is
+#: cancellous bone below the threshold inside a body (3 mm partial volume, fatty marrow), not the canal.
+CANAL_MARROW_CONTRAST_HU = 50.0
 
 
 def canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float, *,
-                 max_hole_hu: float = CANAL_CANDIDATE_MAX_HU) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+                 max_hole_hu: float = CANAL_CANDIDATE_MAX_HU, max_contrast_hu: float | None = None,
+                 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """Per axial slice, the centre of the canal hole (NaN where no closed ring is seen).
 
     Candidate holes are darker than ``max_hole_hu`` on average (units of ``hu``; :data:`CANAL_CANDIDATE_MAX_HU`
-    on CT).
+    on CT). With ``max_contrast_hu`` (HU, calibrated CT: :data:`CANAL_MARROW_CONTRAST_HU`), a slice's chosen
+    hole brighter than the typical canal by more than that is a marrow hole in the body (the ring around the
+    canal open in that slice): it still marks the spine's axis in the track, but its voxels are not canal
+    (they are excluded from the bodies' hole filling otherwise).
     """
     n_k = hu.shape[2]
     track = np.full((n_k, 2), np.nan)
@@ -91,7 +98,8 @@ def canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool
                 best, best_cost = c, cost
         if best is not None:
             track[k] = best[:2]
-            canal[:, :, k] = best[2]
+            if max_contrast_hu is None or best[4] <= canal_hu + max_contrast_hu:
+                canal[:, :, k] = best[2]
     return track, canal
 
 

@@ -180,7 +180,7 @@ def profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tan
             strong = dark if len(dark) >= 2 else strong
     if len(strong) < 2:
         return sorted(candidates, key=lambda c: c.k) if len(candidates) <= 2 else strong
-    typical = typical_disc_spacing(np.diff([c.k for c in strong]).astype(float))
+    typical = typical_disc_spacing(np.diff([c.k for c in strong]).astype(float), spacing)
     accepted = list(strong)
     weak = [c for c in candidates if all(c is not a for a in strong)]
     # Thick discs are accepted like the shallow minima: only where they do not cut a short body.
@@ -191,20 +191,20 @@ def profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tan
     return sorted(accepted, key=lambda c: c.k)
 
 
-#: A gap between clear discs at least this many times the shortest one spans more than one body (a disc missed
-#: among the clear ones); thoracic and lumbar spacings differ by at most ~1.6x.
-MISSED_DISC_GAP_RATIO = 1.75
+#: The tallest vertebral level (body + disc, mm along k): a gap between clear discs longer than this spans more than
+#: one body (a disc missed among the clear ones). Lumbar levels measure 35-45 mm; tilt only shortens the k extent.
+MAX_LEVEL_HEIGHT_MM = 55.0
 
 
-def typical_disc_spacing(gaps: NDArray[np.float64]) -> float:
-    """Median spacing of consecutive clear discs (slices), a gap spanning n bodies counted as n gaps of gap / n.
+def typical_disc_spacing(gaps: NDArray[np.float64], spacing: float) -> float:
+    """Median spacing (slices) of consecutive clear discs, over the gaps that one level can span.
 
-    With only a few discs in view, one missed disc makes the plain median twice a body's height, and the shallow or
-    thick disc in that gap would then be rejected for cutting a body "short".
+    With only a few discs in view, one missed disc makes the plain median a double level, and the shallow or thick
+    disc in that gap would then be rejected for cutting a body "short". Gaps longer than
+    :data:`MAX_LEVEL_HEIGHT_MM` are left out (all gaps when every one is that long).
     """
-    unit = float(np.min(gaps))
-    parts = [g / (round(g / unit) if g >= MISSED_DISC_GAP_RATIO * unit else 1) for g in gaps]
-    return float(np.median(parts))
+    single = gaps[gaps * spacing <= MAX_LEVEL_HEIGHT_MM]
+    return float(np.median(single if single.size else gaps))
 
 
 #: Thickest intervertebral disc (mm along the centreline) that :func:`thick_discs` looks for.
