@@ -246,3 +246,44 @@ def fill_track(track: NDArray[np.float64], max_gap_slices: int) -> NDArray[np.fl
     out[: max(0, idx[0] - max_gap_slices)] = np.nan
     out[idx[-1] + max_gap_slices + 1 :] = np.nan
     return out
+
+
+#: In-plane half-size (mm) of the box around a track end in which bone beyond that end counts as spine.
+UNTRACKED_BOX_MM = 30.0
+#: Bone area (mm^2) in that box that makes a slice beyond the track end look like spine (a vertebral body's
+#: cross-section is 800-2,000 mm^2; ribs or the iliac crest crossing the box leave far less).
+UNTRACKED_BONE_MM2 = 400.0
+
+
+def untracked_extent_mm(bone: NDArray[np.bool_], track: NDArray[np.float64], spacing_mm: float,
+                        ) -> tuple[float, float]:
+    """How far (mm) spine-like bone continues below and above the tracked part of the canal.
+
+    Per slice beyond each end of ``track``, bone within :data:`UNTRACKED_BOX_MM` of the end's canal centre is
+    spine-like at :data:`UNTRACKED_BONE_MM2` or more; the run of such slices next to the end is measured.
+    A long run means the canal was lost there (e.g. rings never closed in a tilted patient) and the vertebrae
+    beyond it are not segmented.
+
+    Args:
+        bone: Thresholded bone ``(I, J, K)``.
+        track: ``(K, 2)`` canal centre per slice (voxel units, NaN where none).
+        spacing_mm: Isotropic voxel size, mm.
+
+    Returns:
+        ``(below_mm, above_mm)``.
+    """
+    seen = np.nonzero(np.isfinite(track[:, 0]))[0]
+    if seen.size == 0:
+        return 0.0, 0.0
+    half = max(1, round(UNTRACKED_BOX_MM / spacing_mm))
+    out = []
+    for end, step in ((int(seen[0]), -1), (int(seen[-1]), 1)):
+        ci, cj = (round(v) for v in track[end])
+        box = bone[max(0, ci - half): ci + half + 1, max(0, cj - half): cj + half + 1, :]
+        run = 0
+        k = end + step
+        while 0 <= k < bone.shape[2] and box[:, :, k].sum() * spacing_mm**2 >= UNTRACKED_BONE_MM2:
+            run += 1
+            k += step
+        out.append(run * spacing_mm)
+    return out[0], out[1]

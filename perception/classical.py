@@ -32,6 +32,7 @@ from needle_steering.perception.canal import (
     despike_track,
     enclosed_canal_track,
     fill_track,
+    untracked_extent_mm,
 )
 from needle_steering.perception.discs import (
     CAUDAL_DISC_TILT_DEG,
@@ -218,6 +219,10 @@ def spine_grey_levels(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[n
 RESOLVED_CORTEX_HU = 520.0
 
 
+#: Spine-like bone continuing this far (mm) beyond the tracked canal raises a warning (about one vertebra).
+UNTRACKED_WARN_MM = 30.0
+
+
 def _bone_and_canal(ct: Volume, hu: NDArray[Any], body: NDArray[np.bool_], spacing: float, threshold: float, *,
                     spine_bone: NDArray[np.bool_] | None, max_contrast_hu: float | None,
                     ) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.float64], NDArray[np.bool_], int]:
@@ -298,6 +303,10 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
             f"{ct.metadata.get('source', 'image')}: no spinal canal found (a closed bony ring in {seen} slices)"
         )
     track = fill_track(track, max_gap_slices=int(20 / spacing))
+    tracked = np.nonzero(np.isfinite(track[:, 0]))[0]
+    below_mm, above_mm = untracked_extent_mm(bone, track, spacing)
+    lost = [f"{mm:.0f} mm {side} slice {int(k)}" for side, k, mm in
+            (("below", tracked[0], below_mm), ("above", tracked[-1], above_mm)) if mm >= UNTRACKED_WARN_MM]
     rim_soft_hu: float | None = None
     max_canal_hu = MAX_CANAL_HU
     marrow_min_hu = SACRAL_MARROW_MIN_HU
@@ -373,6 +382,9 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
         warnings.insert(0, f"the cortex is not resolved at {spacing:g} mm (the canal's bony ring stays open above "
                            f"{FINE_CT_BONE_HU:.0f} HU): segmented with the {CT_BONE_HU:.0f} HU threshold, without "
                            f"surface peel or facet clefts; boundaries are coarser")
+    if lost:
+        warnings.append(f"the spinal canal was lost while spine-like bone continues ({', '.join(lost)} of the "
+                        f"{spacing:g} mm working grid): vertebrae there are not segmented; verify the coverage")
     result = SpineSegments(work, segments, canal, track, disc_k, warnings=warnings)
     if sacrum_extra is not None:
         extra = np.zeros(hu.shape, bool)
