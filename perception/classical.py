@@ -757,8 +757,13 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # the bone right under the disc and competing with the iliac bone lateral to the sacroiliac joints.
     sacral = (_sacral_region(hu, bone, canal, planes, spacing, max_canal_hu=max_canal_hu)
               if len(planes) >= 2 else None)
+    iliac_basin: NDArray[np.bool_] | None = None
     if sacral is not None:
-        seed, sacral_bone, _iliac = sacral
+        seed, sacral_bone, iliac_basin = sacral
+        # Only the ilium's bulk marks the pelvis and bounds the sacrum's completions (see ILIAC_CORE_OPENING_MM);
+        # the naming's ilium contact is measured on the whole intensity basin.
+        sacral = (seed, sacral_bone, np.asarray(ndimage.binary_opening(
+            iliac_basin, structure=_SLICE_STRUCTURE, iterations=max(1, round(ILIAC_CORE_OPENING_MM / spacing))), bool))
         below = [n for n, (_a, _b, m) in enumerate(split) if np.median(index[m]) == 0]
         if below:
             a, b, m = split[below[0]]
@@ -907,7 +912,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         remap[old] = new
     body_k = [(int(split[old - 1][0]), int(split[old - 1][1])) for old in order]
     extra = None if sacrum_extra is None or not sacrum_extra.any() else (int(remap[sacrum_label]), sacrum_extra)
-    return (remap[segments], [int(d) for d in discs], warnings, body_k, (None if sacral is None else sacral[2]),
+    return (remap[segments], [int(d) for d in discs], warnings, body_k, iliac_basin,
             extra)
 
 
@@ -1236,6 +1241,12 @@ PELVIS_ANTERIOR_MM = 45.0
 #: The sacral seed: bone under the caudal-most disc within these distances (mm) of its centre.
 SACRAL_SEED_LATERAL_MM = 22.0
 SACRAL_SEED_DEPTH_MM = 25.0
+#: The pelvic markers keep only the iliac bone's bulk: what an in-plane opening of this radius (mm) leaves. The
+#: intensity flood from the ilium runs on along the sacrum's cortex where the sacroiliac joint shows no dark cleft
+#: (coarse grids: the ilium's medial cortex continues into the ala's anterior cortex), a shell one or two voxels
+#: thick; the ilium's body and its thick part behind the joint (> 12 mm) keep their markers, and the thin bone
+#: left unmarked is split by the distance watershed at its necks, like the vertebrae.
+ILIAC_CORE_OPENING_MM = 6.0
 
 
 def _fill_cancellous(mask: NDArray[np.bool_], hu: NDArray[Any], canal: NDArray[np.bool_], *,
