@@ -103,11 +103,11 @@ def test_real_ct_levels_and_dice(shared_data: Path) -> None:
     ident = level_identification(result.labels, ref, min_ref_voxels=int(5.0 / ref.voxel_volume_ml()))
     assert ident["accuracy"] == 1.0 and ident["shift"] == 0, ident["pairs"]
     scores = per_level_scores(result.labels, ref, min_ref_ml=5.0)
-    # Measured: T12 0.86, L1 0.88, L2 0.87, L3 0.90, L4 0.90, L5 0.86, S 0.79 (vertebral-body marrow holes
+    # Measured: T12 0.86, L1 0.88, L2 0.87, L3 0.90, L4 0.90, L5 0.86, S 0.81 (vertebral-body marrow holes
     # filled in sagittal/coronal planes, and in-plane where the canal track took a marrow hole for the canal;
     # the top slice kept by an edge-aware closing, fatty sacral marrow inside a 15 mm closing and the alae up to
     # the ilium); the 0.85 target is met for T12-L5.
-    for level, floor in {"T12": 0.84, "L1": 0.85, "L2": 0.84, "L3": 0.87, "L4": 0.87, "L5": 0.83, "S": 0.76}.items():
+    for level, floor in {"T12": 0.84, "L1": 0.85, "L2": 0.84, "L3": 0.87, "L4": 0.87, "L5": 0.83, "S": 0.78}.items():
         assert scores[level]["dice"] >= floor, (level, scores[level])
     # L5/S1 comes from the tilted disc, not from splitting a too-tall body.
     assert not any("tall body" in w for w in result.warnings), result.warnings
