@@ -76,29 +76,46 @@ def canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool
             anchors.append((k, darkest[0], darkest[1], darkest[4]))
     if not anchors:
         return track, canal
+    # The longest chain places the reference where it has anchors nearby; the chains that continue it (a tilted
+    # spine's canal seen once per vertebra) place it elsewhere.
+    joined = joined_chain(anchors, spacing)
     anchors = longest_chain(anchors, spacing)
     anchor_k = np.array([a[0] for a in anchors])
     anchor_ij = np.array([[a[1], a[2]] for a in anchors])
+    joined_k = np.array([a[0] for a in joined])
+    joined_ij = np.array([[a[1], a[2]] for a in joined])
     canal_hu = float(np.median([a[3] for a in anchors]))
+    marrow_hu = np.inf if max_contrast_hu is None else canal_hu + max_contrast_hu
     window = max(2, round(40.0 / spacing))
     for k, cands in enumerate(candidates):
-        # The canal follows the curvature of the spine: reference position from the anchors within
-        # +-40 mm (all anchors when none is that close).
+        # The canal follows the curvature of the spine: reference position from the longest chain's anchors
+        # within +-40 mm, else the joined chain's (all of the longest chain's when none is that close).
         local = np.abs(anchor_k - k) <= window
-        ref_i, ref_j = np.median(anchor_ij[local] if local.any() else anchor_ij, axis=0)
+        if local.any():
+            ref_i, ref_j = np.median(anchor_ij[local], axis=0)
+        elif (np.abs(joined_k - k) <= window).any():
+            ref_i, ref_j = np.median(joined_ij[np.abs(joined_k - k) <= window], axis=0)
+        else:
+            ref_i, ref_j = np.median(anchor_ij, axis=0)
         best = None
         best_cost = np.inf
-        for c in cands:
+        dist: dict[int, float] = {}
+        for n, c in enumerate(cands):
             d = float(np.hypot(c[0] - ref_i, (c[1] - ref_j) * 0.6))
             if d >= 25.0 / spacing:
                 continue
+            dist[n] = d
             # Distance in units of the search radius plus brightness above the typical canal.
             cost = d * spacing / 25.0 + max(0.0, c[4] - canal_hu) / 60.0
             if cost < best_cost:
                 best, best_cost = c, cost
+        if best is not None and best[4] > marrow_hu:
+            # Only marrow holes (cancellous bone, all alike): their brightness says nothing of the canal; the
+            # one nearest the reference marks the spine's axis.
+            best = cands[min((n for n in dist if cands[n][4] > marrow_hu), key=dist.__getitem__)]
         if best is not None:
             track[k] = best[:2]
-            if max_contrast_hu is None or best[4] <= canal_hu + max_contrast_hu:
+            if best[4] <= marrow_hu:
                 canal[:, :, k] = best[2]
     return track, canal
 
@@ -129,14 +146,21 @@ CANAL_CHAIN_GAP_MM = 20.0
 CANAL_CHAIN_STEP_MM = 15.0
 
 
-def longest_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
-                   ) -> list[tuple[int, float, float, float]]:
-    """The longest cranio-caudal chain of canal anchors ``(k, i, j, mean HU)``, sorted by k.
+#: Longest cranio-caudal gap (mm) bridged between two chains of canal anchors that continue each other: in a
+#: tilted patient the bony ring closes only near the pedicles, a run of slices once per vertebra (~30-35 mm
+#: lumbar), so the runs of one canal are up to about one level apart.
+CANAL_JOIN_GAP_MM = 35.0
+#: A chain's direction (in-plane drift per slice) is fitted over its anchors within this distance (mm) of its end.
+CANAL_JOIN_FIT_MM = 20.0
+#: Steepest inclination (degrees) of the canal to the slice normal used to continue a chain: patient tilt plus
+#: the lumbar lordosis stay below it; a steeper fitted drift is noise of a short chain and is clamped.
+CANAL_MAX_INCLINATION_DEG = 30.0
 
-    Consecutive members are at most :data:`CANAL_CHAIN_GAP_MM` apart in k and :data:`CANAL_CHAIN_STEP_MM` in
-    plane: dark holes in the
-    pelvis or the chest far from the spine's canal form chains of their own and are dropped.
-    """
+
+def _chain_pieces(anchors: list[tuple[int, float, float, float]], spacing: float,
+                  ) -> list[list[tuple[int, float, float, float]]]:
+    """Chains of anchors ``(k, i, j, mean HU)`` (sorted by k) whose consecutive members are at most
+    :data:`CANAL_CHAIN_GAP_MM` apart in k and :data:`CANAL_CHAIN_STEP_MM` in plane."""
     chains: list[list[tuple[int, float, float, float]]] = []
     for a in sorted(anchors):
         for chain in chains:
@@ -147,7 +171,70 @@ def longest_chain(anchors: list[tuple[int, float, float, float]], spacing: float
                 break
         else:
             chains.append([a])
-    return max(chains, key=len)
+    return chains
+
+
+def longest_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
+                   ) -> list[tuple[int, float, float, float]]:
+    """The longest cranio-caudal chain of canal anchors ``(k, i, j, mean HU)``, sorted by k.
+
+    Consecutive members are at most :data:`CANAL_CHAIN_GAP_MM` apart in k and :data:`CANAL_CHAIN_STEP_MM` in
+    plane: dark holes in the
+    pelvis or the chest far from the spine's canal form chains of their own and are dropped.
+    """
+    return max(_chain_pieces(anchors, spacing), key=len)
+
+
+def _extrapolate(chain: list[tuple[int, float, float, float]], k: int, spacing: float) -> NDArray[np.float64]:
+    """In-plane position (voxels) of ``chain`` continued linearly to slice ``k`` from its anchors within
+    :data:`CANAL_JOIN_FIT_MM` of the end nearest ``k`` (the end's position when they span a single slice; the
+    drift at most :data:`CANAL_MAX_INCLINATION_DEG`)."""
+    ks = np.array([a[0] for a in chain], float)
+    ij = np.array([[a[1], a[2]] for a in chain])
+    end = ks[-1] if k > ks[-1] else ks[0]
+    near = np.abs(ks - end) * spacing <= CANAL_JOIN_FIT_MM
+    ks, ij = ks[near], ij[near]
+    if np.ptp(ks) == 0:
+        return np.asarray(ij.mean(axis=0), float)
+    slope = np.array([np.polyfit(ks, ij[:, axis], 1)[0] for axis in range(2)])
+    max_slope = float(np.tan(np.radians(CANAL_MAX_INCLINATION_DEG)))
+    norm = float(np.hypot(*slope))
+    if norm > max_slope:
+        slope *= max_slope / norm
+    at_end = ij[ks == end].mean(axis=0)
+    return np.asarray(at_end + slope * (k - end), float)
+
+
+def joined_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
+                 ) -> list[tuple[int, float, float, float]]:
+    """The longest chain of canal anchors (:func:`longest_chain`) joined with the chains that continue it.
+
+    A chain continues the joined one when it starts (ends) at most :data:`CANAL_JOIN_GAP_MM` beyond its end
+    (start) and within :data:`CANAL_CHAIN_STEP_MM` in plane of the joined chain's linear continuation there
+    (same direction: the canal of a tilted spine drifts steadily across slices). Repeated in both directions.
+    """
+    pieces = _chain_pieces(anchors, spacing)
+    joined = list(pieces[int(np.argmax([len(p) for p in pieces]))])
+    rest = [p for p in pieces if p[0] not in joined]
+    for upward in (True, False):
+        while True:
+            edge = joined[-1][0] if upward else joined[0][0]
+            best = None
+            for p in rest:
+                first = p[0] if upward else p[-1]
+                gap = (first[0] - edge) if upward else (edge - first[0])
+                if not 0 < gap * spacing <= CANAL_JOIN_GAP_MM:
+                    continue
+                pred = _extrapolate(joined, first[0], spacing)
+                if float(np.hypot(first[1] - pred[0], first[2] - pred[1])) * spacing > CANAL_CHAIN_STEP_MM:
+                    continue
+                if best is None or gap < best[0]:
+                    best = (gap, p)
+            if best is None:
+                break
+            rest = [p for p in rest if p is not best[1]]
+            joined = sorted(joined + best[1])
+    return joined
 
 
 def enclosed_canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float,

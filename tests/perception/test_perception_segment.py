@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from needle_steering.errors import ImageError, SegmentationError
+from needle_steering.perception.canal import untracked_extent_mm
 from needle_steering.perception.io import read_volume
 from needle_steering.perception.levels import assign_levels
 from needle_steering.perception.metrics import dice, level_identification, per_level_scores
@@ -565,14 +566,24 @@ def test_lumbosacral_phantom_with_a_thick_disc_is_named() -> None:
     assert min(float(s["dice"]) for s in per_level_scores(result.labels, phantom.labels).values()) >= 0.88
 
 
-def test_lost_canal_with_spine_beyond_is_reported() -> None:
-    """A tilted phantom (seed 502, sd 6 degrees): the canal rings close too rarely above L2 to chain the track, so
-    T10-L1 are not segmented. The levels found are named right, and the missing coverage is stated."""
+def test_tilted_spine_canal_chains_are_joined() -> None:
+    """A tilted phantom (seed 502, sd 6 degrees) closes the canal ring in only 7-10 slices per level: the anchor
+    chains more than 20 mm apart are joined (they continue each other), so T10-S are all segmented and named."""
     phantom = generate_phantom(PhantomConfig(seed=502, spacing_mm=1.5, tilt_sd_deg=6.0,
                                              levels=("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S")))
     result = segment_volume(phantom.ct, backend="classical")
-    assert any("spinal canal was lost" in w and "above" in w for w in result.warnings), result.warnings
-    found = {name for name, s in per_level_scores(result.labels, phantom.labels).items() if float(s["dice"]) > 0.5}
-    assert {"L2", "L3", "L4", "L5", "S"} <= found
+    assert not any("spinal canal was lost" in w for w in result.warnings), result.warnings
     ident = level_identification(result.labels, phantom.labels)
-    assert all(ident["pairs"][level] == level for level in ("L2", "L3", "L4", "L5", "S")), ident["pairs"]
+    assert ident["accuracy"] == 1.0, ident["pairs"]
+    # Measured: min 0.92, mean 0.94 (before the join: T10-L1 missing).
+    assert min(float(s["dice"]) for s in per_level_scores(result.labels, phantom.labels).values()) >= 0.85
+
+
+def test_untracked_extent_measures_spine_beyond_the_track() -> None:
+    """Spine-like bone continuing beyond the tracked canal is measured (the "canal was lost" warning)."""
+    bone = np.zeros((80, 80, 100), bool)
+    bone[25:55, 25:55, :] = True  # a 45 x 45 mm column at 1.5 mm: 2,025 mm^2 per slice
+    track = np.full((100, 2), np.nan)
+    track[:60] = (40.0, 40.0)
+    below, above = untracked_extent_mm(bone, track, 1.5)
+    assert below == 0.0 and above == pytest.approx(40 * 1.5)
