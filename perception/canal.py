@@ -78,8 +78,7 @@ def canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool
         return track, canal
     # The longest chain places the reference where it has anchors nearby; the chains that continue it (a tilted
     # spine's canal seen once per vertebra) place it elsewhere.
-    joined = joined_chain(anchors, spacing)
-    anchors = longest_chain(anchors, spacing)
+    anchors, joined = canal_chains(anchors, spacing)
     anchor_k = np.array([a[0] for a in anchors])
     anchor_ij = np.array([[a[1], a[2]] for a in anchors])
     joined_k = np.array([a[0] for a in joined])
@@ -91,10 +90,11 @@ def canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool
         # The canal follows the curvature of the spine: reference position from the longest chain's anchors
         # within +-40 mm, else the joined chain's (all of the longest chain's when none is that close).
         local = np.abs(anchor_k - k) <= window
+        joined_local = np.abs(joined_k - k) <= window
         if local.any():
             ref_i, ref_j = np.median(anchor_ij[local], axis=0)
-        elif (np.abs(joined_k - k) <= window).any():
-            ref_i, ref_j = np.median(joined_ij[np.abs(joined_k - k) <= window], axis=0)
+        elif joined_local.any():
+            ref_i, ref_j = np.median(joined_ij[joined_local], axis=0)
         else:
             ref_i, ref_j = np.median(anchor_ij, axis=0)
         best = None
@@ -174,17 +174,6 @@ def _chain_pieces(anchors: list[tuple[int, float, float, float]], spacing: float
     return chains
 
 
-def longest_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
-                   ) -> list[tuple[int, float, float, float]]:
-    """The longest cranio-caudal chain of canal anchors ``(k, i, j, mean HU)``, sorted by k.
-
-    Consecutive members are at most :data:`CANAL_CHAIN_GAP_MM` apart in k and :data:`CANAL_CHAIN_STEP_MM` in
-    plane: dark holes in the
-    pelvis or the chest far from the spine's canal form chains of their own and are dropped.
-    """
-    return max(_chain_pieces(anchors, spacing), key=len)
-
-
 def _extrapolate(chain: list[tuple[int, float, float, float]], k: int, spacing: float) -> NDArray[np.float64]:
     """In-plane position (voxels) of ``chain`` continued linearly to slice ``k`` from its anchors within
     :data:`CANAL_JOIN_FIT_MM` of the end nearest ``k`` (the end's position when they span a single slice; the
@@ -205,17 +194,21 @@ def _extrapolate(chain: list[tuple[int, float, float, float]], k: int, spacing: 
     return np.asarray(at_end + slope * (k - end), float)
 
 
-def joined_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
-                 ) -> list[tuple[int, float, float, float]]:
-    """The longest chain of canal anchors (:func:`longest_chain`) joined with the chains that continue it.
+def canal_chains(anchors: list[tuple[int, float, float, float]], spacing: float,
+                 ) -> tuple[list[tuple[int, float, float, float]], list[tuple[int, float, float, float]]]:
+    """The longest chain of canal anchors ``(k, i, j, mean HU)``, and that chain joined with the chains that
+    continue it (both sorted by k).
 
-    A chain continues the joined one when it starts (ends) at most :data:`CANAL_JOIN_GAP_MM` beyond its end
+    A chain's consecutive members are at most :data:`CANAL_CHAIN_GAP_MM` apart in k and :data:`CANAL_CHAIN_STEP_MM`
+    in plane: dark holes in the pelvis or the chest far from the spine's canal form chains of their own and are
+    dropped. A chain continues the joined one when it starts (ends) at most :data:`CANAL_JOIN_GAP_MM` beyond its end
     (start) and within :data:`CANAL_CHAIN_STEP_MM` in plane of the joined chain's linear continuation there
     (same direction: the canal of a tilted spine drifts steadily across slices). Repeated in both directions.
     """
     pieces = _chain_pieces(anchors, spacing)
-    joined = list(pieces[int(np.argmax([len(p) for p in pieces]))])
-    rest = [p for p in pieces if p[0] not in joined]
+    longest = max(pieces, key=len)
+    joined = list(longest)
+    rest = [p for p in pieces if p is not longest]
     for upward in (True, False):
         while True:
             edge = joined[-1][0] if upward else joined[0][0]
@@ -234,7 +227,7 @@ def joined_chain(anchors: list[tuple[int, float, float, float]], spacing: float,
                 break
             rest = [p for p in rest if p is not best[1]]
             joined = sorted(joined + best[1])
-    return joined
+    return longest, joined
 
 
 def enclosed_canal_track(hu: NDArray[Any], bone: NDArray[np.bool_], body: NDArray[np.bool_], spacing: float,

@@ -43,8 +43,8 @@ from needle_steering.perception.discs import (
     centreline_profile,
     cut_at_planes,
     height_along_planes,
+    plane_distance_mm,
     plane_index,
-    posterior_clamped,
     profile_discs,
     refine_disc,
 )
@@ -292,9 +292,9 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     # A fine-grid CT whose cortex is not resolved (soft kernel, slices interpolated from thick ones, thin
     # osteoporotic cortex) leaves the canal's ring open at the fine threshold: the coarse threshold, and no surface
     # peel or facet clefts (both read a resolved cortex).
-    blurred = False
-    if seen < max(3, int(15.0 / spacing)) and modality == "ct" and spine_bone is None and threshold > CT_BONE_HU:
-        blurred = True
+    rescued = seen < max(3, int(15.0 / spacing)) and modality == "ct" and spine_bone is None and threshold > CT_BONE_HU
+    blurred = rescued
+    if rescued:
         threshold = CT_BONE_HU
         thresholded, bone, track, canal, seen = _bone_and_canal(ct, hu, body, spacing, threshold,
                                                                 spine_bone=spine_bone, max_contrast_hu=contrast)
@@ -378,7 +378,7 @@ def segment_spine(ct: Volume, modality: str = "ct", work_spacing_mm: float | Non
     if iliac_box is not None:
         iliac = np.zeros(hu.shape, bool)
         iliac[box] = iliac_box
-    if blurred and threshold == CT_BONE_HU and spacing <= 1.6:
+    if rescued:
         warnings.insert(0, f"the cortex is not resolved at {spacing:g} mm (the canal's bony ring stays open above "
                            f"{FINE_CT_BONE_HU:.0f} HU): segmented with the {CT_BONE_HU:.0f} HU threshold, without "
                            f"surface peel or facet clefts; boundaries are coarser")
@@ -452,13 +452,14 @@ def _trim_ribs(seg: NDArray[np.int32], rib_owner: NDArray[np.int32], track: NDAr
         if exempt and int(owner) in exempt:
             continue
         rib = rib_owner == owner
+        owned = seg == owner
         box = ndimage.find_objects(rib.astype(np.int8))[0]
         grown_box = tuple(slice(max(0, b.start - step - 1), min(n, b.stop + step + 1))
                           for b, n in zip(box, seg.shape, strict=True))
         di = (np.arange(grown_box[0].start, grown_box[0].stop)[:, None, None]
               - ci[None, None, grown_box[2]]) * spacing
         lateral = np.abs(di) > RIB_TRIM_LATERAL_MM
-        own = (seg[grown_box] == owner) & lateral
+        own = owned[grown_box] & lateral
         if own.any():
             near_rib = ndimage.binary_dilation(rib[grown_box], iterations=step)
             parts, _n_parts = ndimage.label(own, structure=np.ones((3, 3, 3), bool))
@@ -469,10 +470,10 @@ def _trim_ribs(seg: NDArray[np.int32], rib_owner: NDArray[np.int32], track: NDAr
         if roi_edge_mm is not None:
             # Either side: the lateral bone of a rib-bearing vertebra that runs on to the spine ROI's edge is a rib
             # neck whose rib outside was not accepted (CBCT: cut by the field of view or merged with its rim).
-            seg_box = ndimage.find_objects((seg == owner).astype(np.int8))[0]
+            seg_box = ndimage.find_objects(owned.astype(np.int8))[0]
             ii_seg = np.arange(seg_box[0].start, seg_box[0].stop)[:, None, None]
             di_seg = (ii_seg - ci[None, None, seg_box[2]]) * spacing
-            side_parts, _n = ndimage.label((seg[seg_box] == owner) & (np.abs(di_seg) > RIB_TRIM_LATERAL_MM),
+            side_parts, _n = ndimage.label(owned[seg_box] & (np.abs(di_seg) > RIB_TRIM_LATERAL_MM),
                                            structure=np.ones((3, 3, 3), bool))
             at_edge = np.unique(side_parts[(np.abs(di_seg) >= roi_edge_mm - spacing) & (side_parts > 0)])
             if at_edge.size:
@@ -480,7 +481,7 @@ def _trim_ribs(seg: NDArray[np.int32], rib_owner: NDArray[np.int32], track: NDAr
         # Rib head and neck beside the body (in front of the canal centre), medial of the lateral cut: a tube
         # narrower than an in-plane disc of RIB_HEAD_OPENING_MM, which the opening of the body (a wide rounded
         # block) takes away. Removed where it lies lateral of the opened body in its slice and continues the rib.
-        head = _rib_head(seg == owner, ci, cj, spacing)
+        head = _rib_head(owned, ci, cj, spacing)
         if head is None:
             continue
         hb = tuple(slice(max(0, h.start - step - 1), min(n, h.stop + step + 1))
@@ -927,14 +928,9 @@ FACET_BAND_HALF_MM = 4.0
 
 def _near_planes(shape: tuple[int, ...], planes: list[DiscPlane], spacing: float, half_mm: float) -> NDArray[np.bool_]:
     """Voxels within ``half_mm`` (mm, along the normal) of any disc plane (extended as in :func:`plane_index`)."""
-    ii = np.arange(shape[0], dtype=np.float32)[:, None, None]
-    jj = np.arange(shape[1], dtype=np.float32)[None, :, None]
-    kk = np.arange(shape[2], dtype=np.float32)[None, None, :]
     near = np.zeros(shape, bool)
     for plane in planes:
-        c, n = plane.centre_ijk.astype(np.float32), plane.normal_ijk.astype(np.float32)
-        along = ((ii - c[0]) * n[0] + posterior_clamped(jj - c[1], spacing) * n[1] + (kk - c[2]) * n[2]) * spacing
-        near |= np.abs(along) <= half_mm
+        near |= np.abs(plane_distance_mm(shape, plane, spacing)) <= half_mm
     return near
 
 
@@ -1309,13 +1305,10 @@ def _sacral_region(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[np.
         None when there is hardly any bone under the disc (the field of view ends there).
     """
     disc = planes[0]
-    c, n = disc.centre_ijk, disc.normal_ijk
+    c = disc.centre_ijk
     ii = np.arange(bone.shape[0], dtype=np.float32)[:, None, None]
     jj = np.arange(bone.shape[1], dtype=np.float32)[None, :, None]
-    kk = np.arange(bone.shape[2], dtype=np.float32)[None, None, :]
-    # Signed distance (mm) along the disc normal: negative below the disc (axial far behind the body, see
-    # DISC_PLANE_POSTERIOR_REACH_MM).
-    along_mm = ((ii - c[0]) * n[0] + posterior_clamped(jj - c[1], spacing) * n[1] + (kk - c[2]) * n[2]) * spacing
+    along_mm = plane_distance_mm(bone.shape, disc, spacing)
     region = bone & (along_mm < -0.5 * spacing)
     if not region.any():
         return None

@@ -330,16 +330,22 @@ def height_along_planes(mask: NDArray[np.bool_], planes: list[DiscPlane]) -> flo
     return float(proj.max() - proj.min() + 1.0)
 
 
-def plane_index(shape: tuple[int, ...], planes: list[DiscPlane], spacing: float) -> NDArray[np.int16]:
-    """Per voxel, the number of disc planes it lies above (0 = below the caudal-most disc)."""
+def plane_distance_mm(shape: tuple[int, ...], plane: DiscPlane, spacing: float) -> NDArray[np.float32]:
+    """Signed distance (mm) of every voxel of a grid of ``shape`` from ``plane`` along its normal: positive above
+    (cranial of) the disc; behind :data:`DISC_PLANE_POSTERIOR_REACH_MM` the plane continues axially."""
     ii = np.arange(shape[0], dtype=np.float32)[:, None, None]
     jj = np.arange(shape[1], dtype=np.float32)[None, :, None]
     kk = np.arange(shape[2], dtype=np.float32)[None, None, :]
+    c, n = plane.centre_ijk.astype(np.float32), plane.normal_ijk.astype(np.float32)
+    along = (ii - c[0]) * n[0] + posterior_clamped(jj - c[1], spacing) * n[1] + (kk - c[2]) * n[2]
+    return np.asarray(along * np.float32(spacing), np.float32)
+
+
+def plane_index(shape: tuple[int, ...], planes: list[DiscPlane], spacing: float) -> NDArray[np.int16]:
+    """Per voxel, the number of disc planes it lies above (0 = below the caudal-most disc)."""
     index = np.zeros(shape, np.int16)
     for plane in planes:
-        c, n = plane.centre_ijk.astype(np.float32), plane.normal_ijk.astype(np.float32)
-        dj = posterior_clamped(jj - c[1], spacing)
-        index += ((ii - c[0]) * n[0] + dj * n[1] > (c[2] - kk) * n[2]).astype(np.int16)
+        index += (plane_distance_mm(shape, plane, spacing) > 0).astype(np.int16)
     return index
 
 
