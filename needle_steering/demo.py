@@ -555,6 +555,10 @@ def _run(out_dir: Path, seed: int, started: float) -> int:
         )
         if not client.sim_state.get("anatomy_loaded"):
             raise DemoError(f"the twin has no anatomy: {client.sim_state.get('anatomy')}")
+        try:  # registration and robot state reach control by DDS; under load that can lag
+            client.wait_for(lambda: client.status.get("robot_problem") == "", 30.0, "control_node to see a ready robot")
+        except DemoError as exc:
+            raise DemoError(f"{exc}: {client.status.get('robot_problem', 'no control status')}") from None
         t = lap("twin_ready_wait_s", t)
 
         _progress(6, "/control/execute: align (arm IK) -> insert (EKF + sliding-mode control) -> retract, per "

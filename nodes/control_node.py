@@ -117,6 +117,10 @@ def _stamp_s(stamp: Any) -> float:
     return float(stamp.sec) + float(stamp.nanosec) * 1e-9
 
 
+def _rounded_or_none(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 @dataclass
 class _Run:
     """One execution: trajectories to run in order and the active phase."""
@@ -216,6 +220,7 @@ class ControlNode(Node):
 
     def _publish_status(self) -> None:
         run = self._run
+        now = self._now()
         body = {
             "state": self._state,
             "trajectory": run.current if run else "",
@@ -229,7 +234,10 @@ class ControlNode(Node):
             "queue": list(run.queue) if run else [],
             "skipped": list(run.skipped) if run else [],
             "results": list(run.results) if run else self._last_results,
-            "stamp_s": round(self._now(), 3),
+            # why /control/execute would be refused on the robot's account now ("" when it is ready)
+            "robot_problem": self._robot_problem(now) or "",
+            "tracker_age_s": _rounded_or_none(self._sensor_age(now), 3),
+            "stamp_s": round(now, 3),
         }
         self._pub_status.publish(String(data=json.dumps(body, sort_keys=True)))
         self._pub_status_marker.publish(status_text_marker(body, self.get_clock().now().to_msg()))

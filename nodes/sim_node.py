@@ -23,6 +23,7 @@ integrates more than ``command_timeout_s`` at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import queue
@@ -70,6 +71,9 @@ if TYPE_CHECKING:
 
 IFACE = SIM
 _FAULT_KEYS = ("tracker_dropout", "tracker_frozen")
+#: A simulation-loop gap this long (s) is reported: the twin stopped publishing meanwhile, so the
+#: control node's tracker watchdog may trip on the twin's account, not the stack's.
+STALL_REPORT_S = 0.1
 
 
 def robot_base_pose_mm(origin_lps_mm: Sequence[float], yaw_deg: float) -> np.ndarray:
@@ -148,8 +152,8 @@ class SimNode(Node):
             seed, levels, spacing = int(p["phantom_seed"]), str(p["phantom_levels"]), float(p["phantom_spacing_mm"])
             source = f"phantom seed {seed} {levels} {spacing:g} mm" if anatomy == "phantom" else anatomy
 
-            def load_labels() -> Volume:
-                return core_adapters.twin_anatomy_labels(anatomy, seed, levels, spacing)
+            # a partial of a module-level function: the PyBullet backend calls it in a child process
+            load_labels = functools.partial(core_adapters.twin_anatomy_labels, anatomy, seed, levels, spacing)
 
         scene = ArmSceneConfig(
             patient_anchor_lps_mm=tuple(float(v) for v in p["patient_anchor_lps_mm"]),  # type: ignore[arg-type]
@@ -264,11 +268,18 @@ class SimNode(Node):
         last_meas: EMMeasurement | None = None
         next_tracker_repeat = 0.0
         pop_events = getattr(self._backend, "pop_events", None)
+        stalls, max_stall_s = 0, 0.0
         t_prev = self._now()
         wake = time.monotonic()
         while not self._stop.is_set() and self.context.ok():
             try:
                 t = self._now()
+                if t - t_prev >= STALL_REPORT_S:
+                    stalls, max_stall_s = stalls + 1, max(max_stall_s, t - t_prev)
+                    self.get_logger().warning(
+                        f"simulation thread stalled {t - t_prev:.3f} s (no tracker or robot state published meanwhile)",
+                        throttle_duration_sec=1.0,
+                    )
                 while True:
                     try:
                         kind, payload = self._queue.get_nowait()
@@ -331,7 +342,10 @@ class SimNode(Node):
                     self._pub_state.publish(String(data=json.dumps(body, sort_keys=True)))
                 if t - last_sim_state_pub >= state_period:
                     last_sim_state_pub = t
-                    sim_state = {**self._backend.status(), "error": error, "stamp_s": round(t, 3)}
+                    sim_state = {
+                        **self._backend.status(), "error": error, "stamp_s": round(t, 3),
+                        "stalls": stalls, "max_stall_s": round(max_stall_s, 3),
+                    }
                     self._pub_sim_state.publish(String(data=json.dumps(sim_state, sort_keys=True)))
             except Exception as exc:  # the simulation thread must not die silently
                 self._backend.hold()
@@ -355,7 +369,7 @@ class SimNode(Node):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``sim_node``."""
-    return run_node(SimNode, argv)
+    return run_node(SimNode, argv, multi_threaded=False)  # one callback group: see run_node
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,23 +29,26 @@
   critical structures (spinal canal, aorta, vena cava) is measured; it is reported in
   :meth:`status` (``/sim/state``), never hidden: a contact is logged as an event.
 * **Anatomy.** The label map (``load_labels``: the phantom's ground truth or a label-map file) is
-  meshed on a worker thread (pure numpy / scikit-image / Open3D, no PyBullet); the owner thread
-  adds the meshes as collision bodies at the next step, together with the table under the patient.
-  Until then :meth:`status` says ``loading`` and motions are checked against the table only.
+  loaded and meshed in a child process (pure numpy / SciPy / scikit-image / Open3D, no PyBullet);
+  the owner thread adds the meshes as collision bodies at the next step, together with the table
+  under the patient. Until then :meth:`status` says ``loading`` and motions are checked against
+  the table only. A process, not a thread: phantom generation and Open3D's mesh decimation hold
+  the GIL for hundreds of milliseconds, which stalled the simulation thread (and with it the
+  tracker stream, tripping the control node's 0.25 s watchdog) when they ran on a thread.
 
 Threading: every :class:`Twin` call happens on the thread that called :meth:`start` (``sim_node``'s
-simulation thread); the worker thread never touches PyBullet.
+simulation thread); the child process never touches PyBullet.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
-import threading
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import Future
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
@@ -136,11 +139,44 @@ class ArmSceneConfig:
 
 @dataclass(frozen=True)
 class _Anatomy:
-    """What the worker thread hands to the owner thread."""
+    """What the anatomy process hands to the owner thread."""
 
     meshes: tuple[AnatomyMesh, ...]
     table_top_z_m: float
     seconds: float
+
+
+def _lower_priority() -> None:
+    """Anatomy process initializer: background work yields the CPU to the simulation and control loops."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 10)
+
+
+def _prepare_anatomy(
+    load: Callable[[], Volume], T_robot_from_patient_m: FloatArray, target_triangles: int
+) -> _Anatomy:
+    """Load the label map, mesh it and place the table under it (runs in the anatomy process).
+
+    Returns:
+        The meshes (LPS mm) and the table-top height in the robot base frame (m).
+
+    Raises:
+        NeedleSteeringError: the label map holds nothing to mesh (or the loader's own errors).
+    """
+    from needle_steering.sim.twin import label_meshes
+    from needle_steering.sim.twin.frames import patient_mm_to_robot_m
+
+    t0 = time.perf_counter()
+    labels = load()
+    meshes = tuple(label_meshes(labels, target_triangles=target_triangles))
+    if not meshes:
+        raise NeedleSteeringError("the label map holds no vertebra or critical structure to mesh")
+    arr = np.asarray(labels.array)
+    nz = np.argwhere(arr > 0)
+    corners = labels.index_to_lps(np.array([nz.min(axis=0), nz.max(axis=0)], dtype=float))
+    box = np.array(np.meshgrid(*corners.T, indexing="ij")).reshape(3, -1).T
+    z_min = float(np.min(patient_mm_to_robot_m(T_robot_from_patient_m, box)[:, 2]))
+    return _Anatomy(meshes, z_min - _TABLE_GAP_MM / MM_PER_M, time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
@@ -205,7 +241,9 @@ class PyBulletTwinBackend:
         config: Needle, tracker and guide-speed settings shared with the kinematic twin
             (``home_T_patient_from_tip_mm`` is not used: the arm starts at its home posture).
         scene: Placement, guide and anatomy settings.
-        load_labels: Returns the label map of the patient (LPS mm grid); ``None``: no anatomy.
+        load_labels: Returns the label map of the patient (LPS mm grid); ``None``: no anatomy. It runs
+            in a child process, so it must be picklable (a module-level function or a
+            :func:`functools.partial` of one, not a lambda or a closure).
     """
 
     name = "pybullet"
@@ -234,6 +272,7 @@ class PyBulletTwinBackend:
         self._q = np.zeros(len(ARM_JOINT_NAMES))
         self._q_rate = np.zeros(len(ARM_JOINT_NAMES))
         self._anatomy_future: Future[_Anatomy] | None = None
+        self._anatomy_pool: ProcessPoolExecutor | None = None
         self._anatomy_state = "none" if load_labels is None else f"loading ({scene.anatomy_source})"
         self._anatomy_names: list[str] = []
         self._critical_names: list[str] = []
@@ -274,15 +313,20 @@ class PyBulletTwinBackend:
         self._tool_R_reference = tool[:3, :3].copy()
         self._stage = NeedleStage(self.config, tool)
         if self._load_labels is not None:
-            self._anatomy_future = Future()
-            worker = threading.Thread(
-                target=self._load_anatomy, args=(self._load_labels, self._anatomy_future),
-                name="sim_node-anatomy", daemon=True,
+            # spawn, not fork: this process runs DDS threads, which a forked child must not inherit.
+            pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
             )
-            worker.start()
+            self._anatomy_pool = pool
+            self._anatomy_future = pool.submit(
+                _prepare_anatomy, self._load_labels, self.T_robot_from_patient_m, self.scene.mesh_target_triangles
+            )
 
     def close(self) -> None:
-        """Disconnect PyBullet (owner thread; idempotent)."""
+        """Disconnect PyBullet and stop the anatomy process (owner thread; idempotent)."""
+        pool, self._anatomy_pool = self._anatomy_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         twin, self._twin = self._twin, None
         if twin is not None:
             twin.close()
@@ -291,34 +335,15 @@ class PyBulletTwinBackend:
         """The prone placement of the patient in front of the arm, as ``T_patient_from_robot_base`` (mm)."""
         return self._T_patient_from_robot_mm.copy()
 
-    # ------------------------------------------------------------------ anatomy (worker thread: no PyBullet)
-    def _load_anatomy(self, load: Callable[[], Volume], future: Future[_Anatomy]) -> None:
-        from needle_steering.sim.twin import label_meshes
-        from needle_steering.sim.twin.frames import patient_mm_to_robot_m
-
-        t0 = time.perf_counter()
-        with contextlib.suppress(AttributeError, OSError):  # Linux: threads are tasks with their own niceness
-            # Background work: yield the CPU to the simulation and control loops (2 shared cores).
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        try:
-            labels = load()
-            meshes = tuple(label_meshes(labels, target_triangles=self.scene.mesh_target_triangles))
-            if not meshes:
-                raise NeedleSteeringError("the label map holds no vertebra or critical structure to mesh")
-            arr = np.asarray(labels.array)
-            nz = np.argwhere(arr > 0)
-            corners = labels.index_to_lps(np.array([nz.min(axis=0), nz.max(axis=0)], dtype=float))
-            box = np.array(np.meshgrid(*corners.T, indexing="ij")).reshape(3, -1).T
-            z_min = float(np.min(patient_mm_to_robot_m(self.T_robot_from_patient_m, box)[:, 2]))
-            future.set_result(_Anatomy(meshes, z_min - _TABLE_GAP_MM / MM_PER_M, time.perf_counter() - t0))
-        except Exception as exc:  # reported in the status; the twin keeps running without anatomy
-            future.set_exception(exc)
-
+    # ------------------------------------------------------------------ anatomy (child process: no PyBullet)
     def _poll_anatomy(self) -> None:
         future = self._anatomy_future
         if future is None or not future.done():
             return
         self._anatomy_future = None
+        pool, self._anatomy_pool = self._anatomy_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
         twin = self._require_twin()
         exc = future.exception()
         if exc is not None:

@@ -1,7 +1,7 @@
 """The end-to-end demo (``needle_steering.demo.run_demo``) as the integration test of the whole graph.
 
-It runs the real demo into a temporary folder: the node graph of config/sim.yaml in this process
-(PyBullet twin, generated phantom patient with a lesion), a client node over DDS doing
+It runs the real demo into a temporary folder: the node graph of config/sim.yaml, one process per
+node (PyBullet twin, generated phantom patient with a lesion), a client node over DDS doing
 segmentation -> planning -> scripted approvals (RViz MENU_SELECT feedback) -> execution, and the
 outputs. Isolation as in the DDS tests: random ``ROS_DOMAIN_ID``, localhost discovery.
 

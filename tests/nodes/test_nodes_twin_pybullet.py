@@ -9,6 +9,8 @@ DDS integration tests do (random ``ROS_DOMAIN_ID``, localhost discovery, SIGINT 
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import random
@@ -76,7 +78,8 @@ def labels() -> Volume:
 def make_backend(labels: Volume | None) -> PyBulletTwinBackend:
     config = TwinConfig(home_T_patient_from_tip_mm=np.eye(4), tracker_position_sigma_mm=0.2, seed=3)
     scene = ArmSceneConfig(patient_anchor_lps_mm=(0.0, 0.0, 0.0), anatomy_source="synthetic")
-    return PyBulletTwinBackend(config, scene, (lambda: labels) if labels is not None else None)
+    # the loader runs in the anatomy process: it must be picklable (no lambda)
+    return PyBulletTwinBackend(config, scene, functools.partial(copy.deepcopy, labels) if labels is not None else None)
 
 
 class Clock:
@@ -375,6 +378,8 @@ def test_nodes_twin_pybullet_dds_reaches_approved_targets(graph: tuple[User, Pat
         10.0,
         "the plan and both approvals to reach control_node",
     )
+    # DDS discovery of the registration and robot state can lag the plan under load: wait until control says ready
+    user.wait_for(lambda: user.status.get("robot_problem") == "", 20.0, "control_node to see a ready robot")
     n_js = len(user.joint_states)
     response = user.call(Trigger, "/control/execute")
     assert response.success, response.message
