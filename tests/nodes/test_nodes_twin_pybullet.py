@@ -402,3 +402,22 @@ def test_nodes_twin_pybullet_dds_reaches_approved_targets(graph: tuple[User, Pat
     assert float(np.max(np.ptp(q, axis=0))) > 0.05, "the arm never moved"
     control = [e["event"] for e in read_audit_log(folder / "control.jsonl") if e.get("plan_sha256") == plan.sha256]
     assert control.count("trajectory_reached") == 2 and control[-1] == "execute_done"
+
+
+def test_nodes_twin_pybullet_anatomy_loader_must_be_picklable(labels: Volume) -> None:
+    """The anatomy is built in a child process: a closure loader is reported as a failure, never hangs."""
+    config = TwinConfig(home_T_patient_from_tip_mm=np.eye(4), seed=3)
+    backend = PyBulletTwinBackend(config, ArmSceneConfig(anatomy_source="closure"), lambda: labels)
+    backend.start()
+    try:
+        clock = Clock(backend)
+        end = time.monotonic() + 60.0
+        while backend.status()["anatomy"].startswith("loading"):
+            assert time.monotonic() < end, "the anatomy process never answered"
+            clock.run(DT_S)
+            time.sleep(0.01)
+        status = backend.status()
+        assert status["anatomy"].startswith("failed") and "pickle" in status["anatomy"].lower(), status["anatomy"]
+        assert not status["anatomy_loaded"]
+    finally:
+        backend.close()
