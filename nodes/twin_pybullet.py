@@ -48,7 +48,6 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
@@ -62,6 +61,8 @@ from needle_steering.nodes.twin import RETRACTED_MM, NeedleStage, TwinConfig, Tw
 from needle_steering.sim.twin.frames import MM_PER_M
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
     from needle_steering.perception.volume import Volume
     from needle_steering.sim.twin import AnatomyMesh, Twin
     from needle_steering.sim.twin.twin import ClearanceReport
@@ -146,12 +147,6 @@ class _Anatomy:
     seconds: float
 
 
-def _lower_priority() -> None:
-    """Anatomy process initializer: background work yields the CPU to the simulation and control loops."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, 10)
-
-
 def _prepare_anatomy(
     load: Callable[[], Volume], T_robot_from_patient_m: FloatArray, target_triangles: int
 ) -> _Anatomy:
@@ -177,6 +172,69 @@ def _prepare_anatomy(
     box = np.array(np.meshgrid(*corners.T, indexing="ij")).reshape(3, -1).T
     z_min = float(np.min(patient_mm_to_robot_m(T_robot_from_patient_m, box)[:, 2]))
     return _Anatomy(meshes, z_min - _TABLE_GAP_MM / MM_PER_M, time.perf_counter() - t0)
+
+
+def _anatomy_process_main(
+    load: Callable[[], Volume], T_robot_from_patient_m: FloatArray, target_triangles: int, conn: Connection
+) -> None:
+    """Entry point of the anatomy process: sends ``("ok", _Anatomy)`` or ``("failed", reason)``."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 10)  # background work: the simulation and control loops come first
+    try:
+        conn.send(("ok", _prepare_anatomy(load, T_robot_from_patient_m, target_triangles)))
+    except Exception as exc:  # the parent reports it in the twin's status
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+class _AnatomyProcess:
+    """The anatomy built in a spawned child process, polled without blocking by the owner thread.
+
+    A process, not a thread: phantom generation and Open3D's decimation hold the GIL for hundreds of
+    milliseconds, which stalls the simulation thread. Spawned, not forked: the parent runs DDS threads.
+    """
+
+    def __init__(self, load: Callable[[], Volume], T_robot_from_patient_m: FloatArray, target_triangles: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=_anatomy_process_main, args=(load, T_robot_from_patient_m, target_triangles, child_conn),
+            name="sim_node-anatomy", daemon=True,
+        )  # fmt: skip
+        try:
+            self._process.start()  # pickles the loader: a closure or lambda fails here
+        finally:
+            child_conn.close()
+
+    def poll(self) -> _Anatomy | str | None:
+        """The anatomy, a failure reason, or ``None`` while the process is still working."""
+        if self._conn.poll():
+            try:
+                kind, value = self._conn.recv()
+            except EOFError:
+                return self._died()
+            self.close()
+            return value if kind == "ok" else str(value)
+        if not self._process.is_alive():
+            return self._died()
+        return None
+
+    def _died(self) -> str:
+        self._process.join(1.0)
+        code = self._process.exitcode
+        self.close()
+        return f"the anatomy process exited without a result (exit code {code})"
+
+    def close(self) -> None:
+        """Stop the process if it is still working (idempotent)."""
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(2.0)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(2.0)
+        self._conn.close()
 
 
 @dataclass(frozen=True)
@@ -271,8 +329,7 @@ class PyBulletTwinBackend:
         self._planner: Generator[None, None, None] | None = None
         self._q = np.zeros(len(ARM_JOINT_NAMES))
         self._q_rate = np.zeros(len(ARM_JOINT_NAMES))
-        self._anatomy_future: Future[_Anatomy] | None = None
-        self._anatomy_pool: ProcessPoolExecutor | None = None
+        self._anatomy_process: _AnatomyProcess | None = None
         self._anatomy_state = "none" if load_labels is None else f"loading ({scene.anatomy_source})"
         self._anatomy_names: list[str] = []
         self._critical_names: list[str] = []
@@ -313,20 +370,18 @@ class PyBulletTwinBackend:
         self._tool_R_reference = tool[:3, :3].copy()
         self._stage = NeedleStage(self.config, tool)
         if self._load_labels is not None:
-            # spawn, not fork: this process runs DDS threads, which a forked child must not inherit.
-            pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
-            )
-            self._anatomy_pool = pool
-            self._anatomy_future = pool.submit(
-                _prepare_anatomy, self._load_labels, self.T_robot_from_patient_m, self.scene.mesh_target_triangles
-            )
+            try:
+                self._anatomy_process = _AnatomyProcess(
+                    self._load_labels, self.T_robot_from_patient_m, self.scene.mesh_target_triangles
+                )
+            except Exception as exc:  # reported in the status; the twin keeps running without anatomy
+                self._anatomy_failed(f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
         """Disconnect PyBullet and stop the anatomy process (owner thread; idempotent)."""
-        pool, self._anatomy_pool = self._anatomy_pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        process, self._anatomy_process = self._anatomy_process, None
+        if process is not None:
+            process.close()
         twin, self._twin = self._twin, None
         if twin is not None:
             twin.close()
@@ -337,27 +392,28 @@ class PyBulletTwinBackend:
 
     # ------------------------------------------------------------------ anatomy (child process: no PyBullet)
     def _poll_anatomy(self) -> None:
-        future = self._anatomy_future
-        if future is None or not future.done():
+        process = self._anatomy_process
+        if process is None:
             return
-        self._anatomy_future = None
-        pool, self._anatomy_pool = self._anatomy_pool, None
-        if pool is not None:
-            pool.shutdown(wait=False)
+        result = process.poll()
+        if result is None:
+            return
+        self._anatomy_process = None
+        if isinstance(result, str):
+            self._anatomy_failed(result)
+            return
         twin = self._require_twin()
-        exc = future.exception()
-        if exc is not None:
-            self._anatomy_state = f"failed: {type(exc).__name__}: {exc}"
-            self._events.append(f"anatomy {self._anatomy_state}")
-            return
-        anatomy = future.result()
-        twin.add_anatomy(list(anatomy.meshes))
-        twin.add_table(anatomy.table_top_z_m)
-        self._anatomy_names = [m.name for m in anatomy.meshes]
-        self._critical_names = [m.name for m in anatomy.meshes if m.kind == "critical"]
+        twin.add_anatomy(list(result.meshes))
+        twin.add_table(result.table_top_z_m)
+        self._anatomy_names = [m.name for m in result.meshes]
+        self._critical_names = [m.name for m in result.meshes if m.kind == "critical"]
         self._anatomy_state = (
-            f"loaded ({self.scene.anatomy_source}, {len(anatomy.meshes)} meshes, {anatomy.seconds:.1f} s)"
+            f"loaded ({self.scene.anatomy_source}, {len(result.meshes)} meshes, {result.seconds:.1f} s)"
         )
+        self._events.append(f"anatomy {self._anatomy_state}")
+
+    def _anatomy_failed(self, reason: str) -> None:
+        self._anatomy_state = f"failed: {reason}"
         self._events.append(f"anatomy {self._anatomy_state}")
 
     @property
