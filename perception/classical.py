@@ -42,11 +42,13 @@ from needle_steering.perception.discs import (
     body_centreline,
     centreline_profile,
     cut_at_planes,
+    disc_below_profile,
     height_along_planes,
     plane_distance_mm,
     plane_index,
     profile_discs,
     refine_disc,
+    typical_disc_spacing,
 )
 from needle_steering.perception.volume import Volume
 
@@ -687,7 +689,13 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     profile, tangent = centreline_profile(hu, centre, spacing)
     planes = profile_discs(profile, centre, tangent, spacing, clear_fraction=clear_disc_fraction,
                             dark_fraction=disc_dark_fraction)
-    if planes:
+    # Calibrated CT: the disc next below the profile's caudal end (L5/S1 under a column that ends at L5's endplate).
+    lumbosacral = disc_below_profile(hu, planes, profile, centre, tangent, spacing=spacing,
+                                     min_score_hu=2 * DISC_PROMINENCE_HU) if disc_dark_fraction is not None else None
+    if lumbosacral is not None:
+        # Already fitted with the lumbosacral tilts.
+        planes.insert(0, lumbosacral)
+    elif planes:
         # The centreline stops where the canal ring opens (the sacrum): the caudal-most disc (L5/S1 when the
         # sacrum is in view) was sampled nearly axially although the sacral slope tilts it 20-50 degrees.
         planes[0] = refine_disc(hu, planes[0], spacing, k_half_mm=9.0, j_range_mm=(-10.0, 25.0),
@@ -733,6 +741,10 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # The typical height from whole bodies: one cut by the first or last slice is only a part of a body.
     whole = np.array([a > 0 and b < bone.shape[2] for a, b, _m in bodies])
     typical = float(np.median(heights[whole] if whole.sum() >= MIN_WHOLE_BODIES else heights))
+    if use_planes and len(planes) >= MIN_WHOLE_BODIES:
+        # Noise or sparse cancellous bone breaks a body between two disc planes into parts, whose largest part is
+        # short: the spacing of the disc planes (one body plus one disc) bounds the typical height from below.
+        typical = max(typical, typical_disc_spacing(np.diff([p.k for p in planes]).astype(float), spacing))
     typical_voxels = float(np.median([int(m.sum()) for _a, _b, m in bodies]))
     split: list[tuple[int, int, NDArray[np.bool_]]] = []
     for (a, b, mask), height in zip(bodies, heights, strict=True):

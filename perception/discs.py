@@ -180,6 +180,7 @@ def profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tan
             strong = dark if len(dark) >= 2 else strong
     if len(strong) < 2:
         return sorted(candidates, key=lambda c: c.k) if len(candidates) <= 2 else strong
+    strong = without_close_discs(strong, spacing)
     typical = typical_disc_spacing(np.diff([c.k for c in strong]).astype(float), spacing)
     accepted = list(strong)
     weak = [c for c in candidates if all(c is not a for a in strong)]
@@ -189,6 +190,48 @@ def profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tan
         if all(abs(cand.k - a.k) >= 0.75 * typical for a in accepted):
             accepted.append(cand)
     return sorted(accepted, key=lambda c: c.k)
+
+
+#: Two clear discs closer than this fraction of the typical clear-disc spacing cut a body no vertebra has (adjacent
+#: levels differ by 10-25 % in height; T12 + its disc is about 0.8 of L1 + its disc): one of them is
+#: a dip inside a body (a vascular channel, sparse cancellous bone, or noise on a low-dose CT).
+CLOSE_DISC_FRACTION = 0.6
+#: Percentile of the clear-disc gaps taken as the level height by :func:`without_close_discs`.
+CLOSE_DISC_LEVEL_PERCENTILE = 75.0
+
+
+def without_close_discs(strong: list[DiscPlane], spacing: float) -> list[DiscPlane]:
+    """Drop clear discs that cut a body shorter than :data:`CLOSE_DISC_FRACTION` of the typical spacing.
+
+    Of two discs that close, the one whose removal leaves the gap closest to the typical spacing goes (the other
+    one continues the rhythm of the levels); at the end of the column, the shallower one. Needs three discs.
+    """
+    out = sorted(strong, key=lambda c: c.k)
+    while len(out) >= 3:
+        ks = np.array([c.k for c in out], float)
+        gaps = np.diff(ks)
+        # The level height from the upper quartile of the single-level gaps: false discs shorten the median.
+        single = gaps[gaps * spacing <= MAX_LEVEL_HEIGHT_MM]
+        typical = float(np.percentile(single if single.size else gaps, CLOSE_DISC_LEVEL_PERCENTILE))
+        n = int(np.argmin(gaps))
+        if gaps[n] >= CLOSE_DISC_FRACTION * typical:
+            break
+        # Removing out[n] joins the gap ks[n-1]..ks[n+1]; removing out[n+1] joins ks[n]..ks[n+2].
+        cost = []
+        for drop, lo, hi in ((n, n - 1, n + 1), (n + 1, n, n + 2)):
+            if lo < 0 or hi >= len(out):
+                cost.append((np.inf, out[drop].prominence_hu, drop))
+            else:
+                cost.append((abs(ks[hi] - ks[lo] - typical), out[drop].prominence_hu, drop))
+        if np.isinf(cost[0][0]) and np.isinf(cost[1][0]):
+            break
+        if np.isinf(cost[0][0]) or np.isinf(cost[1][0]):
+            # At the end of the column only one removal can be judged by the rhythm: compare by prominence.
+            drop = min(cost, key=lambda c: c[1])[2]
+        else:
+            drop = min(cost)[2]
+        del out[drop]
+    return out
 
 
 #: The tallest vertebral level (body + disc, mm along k): a gap between clear discs longer than this spans more than
@@ -447,3 +490,43 @@ def refine_disc(hu: NDArray[Any], plane: DiscPlane, spacing: float, *, k_half_mm
     near = [p for p in per_tilt if p[0] >= top - tilt_tolerance * abs(top)]
     chosen = near[0] if tilt_tolerance == 0.0 else min(near, key=lambda p: abs(p[1]))
     return DiscPlane(round(float(chosen[2][2])), chosen[2], chosen[3], chosen[0])
+
+
+#: The caudal-most disc is looked for below the profile's end when the next disc down (one typical spacing below the
+#: caudal-most profile disc) lies within this distance (mm) of the profile's first slice: there the profile cannot
+#: show it (the endplate window is +-8 mm), e.g. the L5/S1 disc when the sacrum's fatty marrow or image noise ends
+#: the body column at L5's endplate.
+CAUDAL_SEARCH_EDGE_MM = 9.0
+
+
+def disc_below_profile(hu: NDArray[Any], planes: list[DiscPlane], profile: NDArray[np.float64],
+                       centre: NDArray[np.float64], tangent: NDArray[np.float64], *, spacing: float,
+                       min_score_hu: float) -> DiscPlane | None:
+    """A tilted disc one typical level below the caudal-most profile disc, where the profile ends (or None).
+
+    The search (:func:`refine_disc`: k within +-9 mm of the expected slice, j -10..+25 mm, the lumbosacral tilts)
+    starts from the centreline's first point, which must lie more than :data:`CAUDAL_SEARCH_EDGE_MM` above the first
+    slice of the image (the column ended in the image, not at the field of view). The disc found must score more
+    than ``min_score_hu`` (darker endplate minus disc, HU; the probe's own score) and lie at least
+    :data:`CLOSE_DISC_FRACTION` of the typical spacing below the caudal-most disc (its centre: a tilted disc's centre
+    sits higher and further back than the axial profile's).
+    """
+    if len(planes) < 2:
+        return None
+    valid = np.nonzero(np.isfinite(profile))[0]
+    if valid.size == 0:
+        return None
+    typical = typical_disc_spacing(np.diff([p.k for p in planes]).astype(float), spacing)
+    start = int(valid[0])
+    expected = planes[0].k - typical
+    # The column must end inside the image with room for the disc's far endplate: a column cut by the field of view
+    # says nothing of a disc below it (samples beyond the edge repeat the edge slice).
+    if start * spacing <= CAUDAL_SEARCH_EDGE_MM or abs(expected - start) * spacing > CAUDAL_SEARCH_EDGE_MM:
+        return None
+    k0 = float(max(0.0, expected))
+    probe = DiscPlane(round(k0), np.array([centre[start, 0], centre[start, 1], k0]), tangent[start].copy(),
+                      min_score_hu)
+    found = refine_disc(hu, probe, spacing, k_half_mm=9.0, j_range_mm=(-10.0, 25.0), tilt_deg=CAUDAL_DISC_TILT_DEG)
+    if found is probe or planes[0].k - found.k < CLOSE_DISC_FRACTION * typical:
+        return None
+    return found
