@@ -204,6 +204,9 @@ class _AnatomyProcess:
         )  # fmt: skip
         try:
             self._process.start()  # pickles the loader: a closure or lambda fails here
+        except BaseException:
+            self._conn.close()
+            raise
         finally:
             child_conn.close()
 
