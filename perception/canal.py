@@ -367,3 +367,68 @@ def untracked_extent_mm(bone: NDArray[np.bool_], track: NDArray[np.float64], spa
             k += step
         out.append(run * spacing_mm)
     return out[0], out[1]
+
+
+#: The sacral canal continues the lumbar canal below its last closed ring (a triangular canal in S1-S3 that
+#: narrows and flattens caudally into the sacral groove and hiatus at S4-S5): per slice it may shift by this much
+#: (mm) from the canal in the slice above.
+SACRAL_CANAL_STEP_MM = 3.0
+#: Where the canal above's outline, shifted at best, is less than this fraction dark, the carried lumen ends.
+SACRAL_CANAL_MIN_DARK = 0.5
+
+
+def carry_canal(hu: NDArray[Any], canal: NDArray[np.bool_], spacing: float, *, max_hu: float,
+                ) -> NDArray[np.bool_]:
+    """The canal lumen carried caudally into the slices without a canal hole (bool, shape of ``canal``).
+
+    Below the last closed ring (and over the slices between rings: discs, open arches) the lumen goes on as the
+    sacral canal. Per slice downwards, the voxels darker than ``max_hu`` (units of ``hu``: CSF, epidural fat)
+    within :data:`SACRAL_CANAL_STEP_MM` of the canal of the slice above, connected to it and not in front of it,
+    with their in-plane holes (nerve roots, partial volume). The canal narrows caudally and never widens: where
+    that is larger than the canal above (the ring has opened onto the foramina, the fatty marrow or the soft
+    tissue behind the sacrum), the canal above's outline shifted by up to the step onto the most dark voxels;
+    it ends where that is less than :data:`SACRAL_CANAL_MIN_DARK` dark or nothing dark continues it. Of several
+    pieces, the one that overlaps the canal above most (the foramina branch off laterally).
+    """
+    out = np.zeros(canal.shape, bool)
+    seen = np.nonzero(canal.any(axis=(0, 1)))[0]
+    if seen.size == 0:
+        return out
+    step = max(1, round(SACRAL_CANAL_STEP_MM / spacing))
+    prev = canal[:, :, int(seen[-1])]
+    for k in range(int(seen[-1]) - 1, -1, -1):
+        if canal[:, :, k].any():
+            prev = canal[:, :, k]
+            continue
+        if not prev.any():
+            continue
+        # The sacral kyphosis carries the canal backwards caudally: never further forward than the canal above
+        # (in front of it lie the vertebral body's and the sacrum's marrow, as dark on fatty marrow).
+        front = int(np.nonzero(prev.any(axis=0))[0].min())
+        dark = hu[:, :, k] < max_hu
+        dark[:, :front] = False
+        lab, _ = ndimage.label(dark & ndimage.binary_dilation(prev, iterations=step))
+        hit = np.unique(lab[prev & dark])
+        cur = np.isin(lab, hit[hit > 0])
+        if cur.sum() > prev.sum():
+            # Opened: the canal above's outline, shifted (by up to the step; np.roll's wrap-around lands on the
+            # bounding box's margin, far from the canal) onto the most dark voxels.
+            best = -1
+            for di in range(-step, step + 1):
+                for dj in range(-step, step + 1):
+                    moved = np.roll(prev, (di, dj), axis=(0, 1)) & dark
+                    score = int(moved.sum()) * (2 * step + 1) ** 2 - (abs(di) + abs(dj))
+                    if score > best:
+                        best, cur = score, moved
+            if cur.sum() < SACRAL_CANAL_MIN_DARK * prev.sum():
+                # Mostly bright at its best: the lumen has ended (the canal flattens into the hiatus).
+                break
+        # One lumen: the foramina branch off it laterally (S1-S4) and lead to the fatty marrow and the pelvis.
+        lab, n = ndimage.label(cur)
+        if n > 1:
+            shared = ndimage.sum_labels(prev, lab, index=np.arange(1, n + 1))
+            cur = lab == int(np.argmax(shared)) + 1
+        cur = np.asarray(ndimage.binary_fill_holes(cur), bool)
+        out[:, :, k] = cur
+        prev = cur
+    return out

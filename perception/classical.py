@@ -29,6 +29,7 @@ from needle_steering.perception.canal import (
     CANAL_CANDIDATE_MAX_HU,
     CANAL_MARROW_CONTRAST_HU,
     canal_track,
+    carry_canal,
     despike_track,
     enclosed_canal_track,
     fill_track,
@@ -768,7 +769,12 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # Below the caudal-most disc the sacrum (canal ring open, body leaning back with the sacral slope) lies
     # mostly outside the canal-track ROI: its bone below that disc plane joins the watershed, seeded from
     # the bone right under the disc and competing with the iliac bone lateral to the sacroiliac joints.
-    sacral = (_sacral_region(hu, bone, canal, planes, spacing, max_canal_hu=max_canal_hu)
+    # The sacral canal continues the lumbar canal below its last closed ring: its lumen is no sacral bone or
+    # marrow (the sacrum's hole filling and closings stay out of it).
+    sacral_canal = canal
+    if len(planes) >= 2:
+        sacral_canal = canal | (carry_canal(hu, canal, spacing, max_hu=max_canal_hu) & (index == 0))
+    sacral = (_sacral_region(hu, bone, sacral_canal, planes, spacing, max_canal_hu=max_canal_hu)
               if len(planes) >= 2 else None)
     iliac_basin: NDArray[np.bool_] | None = None
     if sacral is not None:
@@ -854,7 +860,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
         values, counts = np.unique(markers[sacral[0]], return_counts=True)
         sacrum_label = int(values[np.argmax(counts)])
         sac = segments == sacrum_label
-        allowed = (hu > max_canal_hu) & ~canal & ~sacral[2]
+        allowed = (hu > max_canal_hu) & ~sacral_canal & ~sacral[2]
         grown = _closing_fov(sac, max(1, round(3.0 / spacing)))
         grown = ndimage.binary_fill_holes(grown, structure=_SLICE_STRUCTURE)
         segments[grown & (segments == 0) & allowed] = sacrum_label
@@ -875,9 +881,10 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
             # Not above the lumbosacral disc plane: the closing bridges the S1 endplate and the alae or superior
             # articular processes beside it over the disc, which is no marrow.
             below_disc = index == 0
-            sacrum_extra = wide & (segments == 0) & ~canal & ~sacral[2] & (hu > marrow_min_hu) & below_disc
+            sacrum_extra = (wide & (segments == 0) & ~sacral_canal & ~sacral[2] & (hu > marrow_min_hu)
+                            & below_disc)
             alar = _alar_envelope(sac | sacrum_extra, sacral[2], spacing)
-            sacrum_extra |= alar & (segments == 0) & ~canal & (hu > marrow_min_hu) & below_disc
+            sacrum_extra |= alar & (segments == 0) & ~sacral_canal & (hu > marrow_min_hu) & below_disc
     if spacing <= RIM_PEEL_MAX_SPACING_MM and peel:
         # The threshold that keeps thin cortex connected puts the surface ~half a voxel outside the
         # bone (partial volume): peel the outer rim where it is darker than the cortex mid-level (calibrated CT:
