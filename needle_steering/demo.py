@@ -640,7 +640,10 @@ def _run(out_dir: Path, seed: int, started: float) -> int:
         }
         summary["twin"] = {
             k: client.sim_state.get(k)
-            for k in ("backend", "anatomy", "anatomy_meshes", "critical_contacts", "moves_planned", "moves_refused")
+            for k in (
+                "backend", "anatomy", "anatomy_meshes", "critical_contacts", "moves_planned", "moves_refused",
+                "stalls", "max_stall_s",  # a watchdog stop after a stall is the twin's doing (CPU starvation)
+            )
         }
         failures = [e["trajectory"] for e in executed if not e["within_tolerance"]]
         ok = final.get("state") == "done" and not failures

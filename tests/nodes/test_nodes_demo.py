@@ -45,7 +45,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
 def test_nodes_demo_end_to_end(demo: tuple[int, Path]) -> None:
     status, out = demo
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
-    assert status == 0, json.dumps({k: summary.get(k) for k in ("error", "execution", "timings_s")}, indent=1)
+    assert status == 0, json.dumps({k: summary.get(k) for k in ("error", "execution", "timings_s", "twin")}, indent=1)
     for name in ("plan.json", "report.html", "run.mcap", "summary.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     plan = load_plan(out / "plan.json")  # schema and sha256 verified
@@ -87,6 +87,7 @@ def test_nodes_demo_end_to_end(demo: tuple[int, Path]) -> None:
     twin = summary["twin"]
     assert twin["backend"] == "pybullet" and str(twin["anatomy"]).startswith("loaded")
     assert twin["critical_contacts"] == 0 and twin["moves_refused"] == 0
+    assert isinstance(twin["stalls"], int) and twin["max_stall_s"] >= 0.0  # the twin's stall telemetry is reported
 
     # the recording: rosbag2-compatible MCAP with the graph's topics, decodable with mcap-ros2-support
     messages = read_mcap_messages(out / "run.mcap")

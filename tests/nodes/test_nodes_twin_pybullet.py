@@ -384,7 +384,8 @@ def test_nodes_twin_pybullet_dds_reaches_approved_targets(graph: tuple[User, Pat
     response = user.call(Trigger, "/control/execute")
     assert response.success, response.message
     user.wait_for(lambda: user.status.get("state") in ("done", "stopped", "fault"), 90.0, "the execution to end")
-    assert user.status["state"] == "done", json.dumps(user.status)
+    twin = {k: user.sim_states[-1].get(k) for k in ("stalls", "max_stall_s")} if user.sim_states else {}
+    assert user.status["state"] == "done", json.dumps({"control": user.status, "twin": twin})
     results = {r["trajectory"]: r for r in user.status["results"]}
     assert set(results) == {"left-biopsy", "right-biopsy"}
     assert all(r["robot_tip_error_mm"] < 1.5 for r in results.values()), results
