@@ -44,6 +44,7 @@ from needle_steering.perception.discs import (
     centreline_profile,
     cut_at_planes,
     disc_below_profile,
+    disc_gaps,
     height_along_planes,
     plane_distance_mm,
     plane_index,
@@ -745,7 +746,7 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     if use_planes and len(planes) >= MIN_WHOLE_BODIES:
         # Noise or sparse cancellous bone breaks a body between two disc planes into parts, whose largest part is
         # short: the spacing of the disc planes (one body plus one disc) bounds the typical height from below.
-        typical = max(typical, typical_disc_spacing(np.diff([p.k for p in planes]).astype(float), spacing))
+        typical = max(typical, typical_disc_spacing(disc_gaps(planes), spacing))
     typical_voxels = float(np.median([int(m.sum()) for _a, _b, m in bodies]))
     split: list[tuple[int, int, NDArray[np.bool_]]] = []
     for (a, b, mask), height in zip(bodies, heights, strict=True):
@@ -772,10 +773,10 @@ def _split_vertebrae(hu: NDArray[Any], bone: NDArray[np.bool_], canal: NDArray[n
     # The sacral canal continues the lumbar canal below its last closed ring: its lumen is no sacral bone or
     # marrow (the sacrum's hole filling and closings stay out of it).
     sacral_canal = canal
+    sacral = None
     if len(planes) >= 2:
         sacral_canal = canal | (carry_canal(hu, canal, spacing, max_hu=max_canal_hu) & (index == 0))
-    sacral = (_sacral_region(hu, bone, sacral_canal, planes, spacing, max_canal_hu=max_canal_hu)
-              if len(planes) >= 2 else None)
+        sacral = _sacral_region(hu, bone, sacral_canal, planes, spacing, max_canal_hu=max_canal_hu)
     iliac_basin: NDArray[np.bool_] | None = None
     if sacral is not None:
         seed, sacral_bone, iliac_basin = sacral

@@ -181,7 +181,7 @@ def profile_discs(profile: NDArray[np.float64], centre: NDArray[np.float64], tan
     if len(strong) < 2:
         return sorted(candidates, key=lambda c: c.k) if len(candidates) <= 2 else strong
     strong = without_close_discs(strong, spacing)
-    typical = typical_disc_spacing(np.diff([c.k for c in strong]).astype(float), spacing)
+    typical = typical_disc_spacing(disc_gaps(strong), spacing)
     accepted = list(strong)
     weak = [c for c in candidates if all(c is not a for a in strong)]
     # Thick discs are accepted like the shallow minima: only where they do not cut a short body.
@@ -211,8 +211,7 @@ def without_close_discs(strong: list[DiscPlane], spacing: float) -> list[DiscPla
         ks = np.array([c.k for c in out], float)
         gaps = np.diff(ks)
         # The level height from the upper quartile of the single-level gaps: false discs shorten the median.
-        single = gaps[gaps * spacing <= MAX_LEVEL_HEIGHT_MM]
-        typical = float(np.percentile(single if single.size else gaps, CLOSE_DISC_LEVEL_PERCENTILE))
+        typical = typical_disc_spacing(gaps, spacing, CLOSE_DISC_LEVEL_PERCENTILE)
         n = int(np.argmin(gaps))
         if gaps[n] >= CLOSE_DISC_FRACTION * typical:
             break
@@ -239,15 +238,20 @@ def without_close_discs(strong: list[DiscPlane], spacing: float) -> list[DiscPla
 MAX_LEVEL_HEIGHT_MM = 55.0
 
 
-def typical_disc_spacing(gaps: NDArray[np.float64], spacing: float) -> float:
-    """Median spacing (slices) of consecutive clear discs, over the gaps that one level can span.
+def typical_disc_spacing(gaps: NDArray[np.float64], spacing: float, percentile: float = 50.0) -> float:
+    """Median (or ``percentile``) spacing (slices) of consecutive clear discs, over the gaps one level can span.
 
     With only a few discs in view, one missed disc makes the plain median a double level, and the shallow or thick
     disc in that gap would then be rejected for cutting a body "short". Gaps longer than
     :data:`MAX_LEVEL_HEIGHT_MM` are left out (all gaps when every one is that long).
     """
     single = gaps[gaps * spacing <= MAX_LEVEL_HEIGHT_MM]
-    return float(np.median(single if single.size else gaps))
+    return float(np.percentile(single if single.size else gaps, percentile))
+
+
+def disc_gaps(planes: list[DiscPlane]) -> NDArray[np.float64]:
+    """Slices between consecutive discs (``planes`` sorted by ``k``), for :func:`typical_disc_spacing`."""
+    return np.diff([p.k for p in planes]).astype(float)
 
 
 #: Thickest intervertebral disc (mm along the centreline) that :func:`thick_discs` looks for.
@@ -516,7 +520,7 @@ def disc_below_profile(hu: NDArray[Any], planes: list[DiscPlane], profile: NDArr
     valid = np.nonzero(np.isfinite(profile))[0]
     if valid.size == 0:
         return None
-    typical = typical_disc_spacing(np.diff([p.k for p in planes]).astype(float), spacing)
+    typical = typical_disc_spacing(disc_gaps(planes), spacing)
     start = int(valid[0])
     expected = planes[0].k - typical
     # The column must end inside the image with room for the disc's far endplate: a column cut by the field of view
